@@ -1,0 +1,145 @@
+// The Stage interface: a named, batch-shaped unit of work that runs on a lane (thread).
+//
+// Life of a stage:
+//   1. Construction through the registry, by type name (REGISTER_STAGE below).
+//   2. Configure(): reads its pipeline entry and any top-level sections it owns; validation only,
+//      no resources (this is all `metronome check` runs).
+//   3. Start(): acquires resources on the stage's own lane thread, before the lane's scheduling
+//      policy is applied (so it may allocate, bind sockets, create rings). Lanes start one by one:
+//      the main-thread lane first, then the others in pipeline order.
+//   4. The lane loop calls Process() with batches from its input, OnCompletion() for the lane's
+//      io_uring, Poll() for sources, Tick() when asked.
+//   5. BeginStop() once when shutdown begins: stop taking new work. The lane finishes when its
+//      queue is empty, every earlier lane finished, and Idle() is true.
+//   6. Shutdown(): releases resources, on the main thread, after every lane was joined, in
+//      reverse pipeline order.
+//
+// Thread-safety: steps 4-5 run on the stage's lane thread only. The stats are read concurrently
+// by other threads (see stats.h). A stage never touches another stage's state: what two stages
+// share goes through a shared object (StageEnv::Shared) with its own thread-safety contract.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <typeindex>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "runtime/config.h"
+#include "runtime/item.h"
+#include "runtime/stats.h"
+
+struct io_uring_cqe;
+
+namespace metronome {
+
+class Outbox;
+class Ring;
+class Waker;
+class Pipeline;
+
+inline constexpr int64_t kNeverNs = std::numeric_limits<int64_t>::max();
+
+// What the runtime offers a stage beyond its config.
+class StageEnv {
+ public:
+  virtual ~StageEnv() = default;
+  virtual const std::string& stage_name() const = 0;
+  virtual int stage_index() const = 0;
+  // The pipeline index of the stage instance named `name`, or -1.
+  virtual int FindStage(absl::string_view name) const = 0;
+  // The pipeline index of the first stage instance of registered type `type` after this
+  // stage, or -1.
+  virtual int FindStageOfType(absl::string_view type) const = 0;
+  // The lane's io_uring (Start and later; only when NeedsRing() returned true). Tag the user
+  // data of every request with Ring::Pack(ring_tag(), payload).
+  virtual Ring* ring() = 0;
+  virtual uint8_t ring_tag() const = 0;
+  // Wakes this stage's lane; other stages may keep it to signal work that arrives outside the
+  // queues (e.g. buffers returned to a ring).
+  virtual Waker* lane_waker() = 0;
+  // True under `metronome check`: Configure only, nothing will start.
+  virtual bool check_only() const = 0;
+  // Objects shared between stages of one pipeline, keyed by name and type, created on first
+  // use by `make`. Only during Configure and Start (single-threaded).
+  template <typename T>
+  T& Shared(absl::string_view key, const std::function<std::unique_ptr<T>()>& make) {
+    void* p = SharedImpl(key, std::type_index(typeid(T)), [&]() -> std::shared_ptr<void> {
+      return std::shared_ptr<T>(make().release());
+    });
+    return *static_cast<T*>(p);
+  }
+  template <typename T>
+  T& Shared(absl::string_view key) {
+    return Shared<T>(key, [] { return std::make_unique<T>(); });
+  }
+
+ protected:
+  virtual void* SharedImpl(absl::string_view key, std::type_index type,
+                           const std::function<std::shared_ptr<void>()>& make) = 0;
+};
+
+class Stage {
+ public:
+  Stage() = default;
+  virtual ~Stage() = default;
+  Stage(const Stage&) = delete;
+  Stage& operator=(const Stage&) = delete;
+
+  // `entry` is this stage's pipeline entry (common keys already consumed by the runtime);
+  // `root` the whole document, for sections the stage owns. Errors go into the document
+  // (ConfigNode::Error); the returned status is for anything else.
+  virtual absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) = 0;
+  virtual absl::Status Start(StageEnv& env) {
+    (void)env;
+    return absl::OkStatus();
+  }
+
+  // Handles a batch taken from the lane's input (or emitted by an earlier stage on the same
+  // lane). Each item is either emitted (Outbox::Emit / EmitTo) or retired by the stage.
+  virtual void Process(std::span<Item* const> batch, Outbox& out) = 0;
+  // For sources and stages with their own pending work; returns true if it did anything.
+  // REQUIRES: emit at most out.Room() items.
+  virtual bool Poll(Outbox& out) {
+    (void)out;
+    return false;
+  }
+  // A completion on the lane's ring whose user data this stage tagged (see Ring).
+  virtual void OnCompletion(const io_uring_cqe& cqe, Outbox& out) {
+    (void)cqe;
+    (void)out;
+  }
+  // Called when `now_ns` passed the time the previous call returned; returns the next time.
+  virtual int64_t Tick(int64_t now_ns, Outbox& out) {
+    (void)now_ns;
+    (void)out;
+    return kNeverNs;
+  }
+  virtual void BeginStop(Outbox& out) { (void)out; }
+  // Nothing in flight that still needs this lane (pending writes, buffered input, ...).
+  virtual bool Idle() const { return true; }
+  virtual void Shutdown() {}
+
+  virtual bool NeedsRing() const { return false; }
+  // The stage must run on the process's main thread (the embedded interpreter's thread).
+  virtual bool NeedsMainThread() const { return false; }
+  // A sink emits nothing; its lane keeps serving it while downstream queues are full.
+  virtual bool IsSink() const { return false; }
+  // Extra per-stage figures for /stats and /metrics: name -> value.
+  virtual void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
+    (void)emit;
+  }
+
+  StageStats& stats() { return stats_; }
+  const StageStats& stats() const { return stats_; }
+
+ private:
+  StageStats stats_;
+};
+
+}  // namespace metronome
