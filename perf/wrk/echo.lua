@@ -1,0 +1,7 @@
+-- wrk script: POST /echo with a fixed ~1 KB JSON body (a realistic nested order object).
+-- Usage: wrk -t1 -c64 -d10s --latency -s perf/wrk/echo.lua http://127.0.0.1:PORT/echo
+-- The path comes from the URL; the body never changes, so every server parses the same bytes.
+
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[{"order_id":"ord_7f3a9c2e41b8","created_at":"2024-05-14T09:21:37.512Z","status":"paid","currency":"EUR","customer":{"id":48213,"name":"Ada Lovelace","email":"ada.lovelace@example.com","tier":"gold","address":{"street":"12 Analytical Row","city":"London","postcode":"NW1 6XE","country":"GB"},"marketing_opt_in":false},"items":[{"sku":"BK-0042","title":"Notes on the Analytical Engine","qty":1,"unit_price":24.5,"tags":["book","history","computing"]},{"sku":"PN-1337","title":"Fountain pen, fine nib","qty":2,"unit_price":38.0,"tags":["stationery"]},{"sku":"NB-0007","title":"Dotted notebook A5","qty":3,"unit_price":9.95,"tags":["stationery","paper"]}],"totals":{"subtotal":130.35,"shipping":4.9,"tax":27.05,"discount":-10.0,"grand_total":152.3},"payment":{"method":"card","brand":"visa","last4":"4242","captured":true,"3ds":{"version":"2.2.0","result":"authenticated"}},"shipping":{"carrier":"royal-mail","service":"tracked-48","tracking":null,"eta_days":[2,3]},"notes":"Please leave the parcel with the neighbour at number 14 if nobody answers the door.","metadata":{"source":"web","ab_bucket":"B","session":"s_9d2c81f0aa"}}]]

@@ -1,0 +1,126 @@
+// route: finds each request's route. A native route (configured in `routes:`) is answered here
+// and goes straight to serialize; a Python route goes on to the python stage (through any
+// plugins). No match is 404, a path without the method is 405 with Allow, a method the server
+// does not know is 501. HEAD is served by the GET route (serialize drops the body).
+//
+// Overload: when the queue toward the Python stage is congested (runtime/outbox.h), new Python
+// work is answered 503 with Retry-After here instead of waiting behind a full queue.
+#include "stages/route.h"
+
+#include "absl/strings/str_cat.h"
+#include "runtime/log.h"
+#include "runtime/outbox.h"
+#include "runtime/registry.h"
+
+namespace metronome::http {
+
+absl::Status RouteStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& env) {
+  (void)entry;
+  GetHttpShared(env, root, &config_);
+  table_ = &env.Shared<RouteTable>("routes");
+  serialize_ = env.FindStageOfType("serialize");
+  if (serialize_ < 0) return absl::InvalidArgumentError("route needs a serialize stage after it");
+  if (serialize_ > env.stage_index() + 1) next_ = env.stage_index() + 1;
+  for (ConfigNode r : root.Seq("routes")) {
+    RouteTarget t;
+    t.pattern = r.String("path", std::nullopt);
+    std::string method = r.Enum("method", "GET", {"GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"});
+    t.method = MethodFromName(method);
+    t.status = static_cast<int>(r.Int("status", 200, 100, 599));
+    t.content_type = r.String("content_type", t.content_type);
+    t.body = r.String("body", "");
+    Router check;  // validates the pattern now, so that `metronome check` reports it
+    if (absl::Status s = check.Add(t.pattern, t.method, 0); !s.ok() && !t.pattern.empty()) {
+      r.Error("path", s.message());
+    }
+    native_.push_back(std::move(t));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RouteStage::Start(StageEnv& env) {
+  (void)env;
+  for (RouteTarget& t : native_) table_->targets.push_back(t);
+  for (size_t i = 0; i < table_->targets.size(); ++i) {
+    const RouteTarget& t = table_->targets[i];
+    if (t.kind == RouteTarget::Kind::kPython && next_ < 0) {
+      return absl::FailedPreconditionError(absl::StrCat("route ", MethodName(t.method), " ", t.pattern,
+                                                        " needs a python stage after route"));
+    }
+    if (absl::Status s = router_.Add(t.pattern, t.method, static_cast<int>(i)); !s.ok()) return s;
+  }
+  LOG_INFO("route table: %zu routes", router_.size());
+  return absl::OkStatus();
+}
+
+void RouteStage::Answer(Request* r, int status, absl::string_view body, Outbox& out) {
+  r->resp.status = status;
+  r->resp.content_type = "text/plain; charset=utf-8";
+  r->resp.body = std::string_view(body.data(), body.size());
+  r->responded = true;
+  out.EmitTo(serialize_, r);
+}
+
+void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
+  for (Item* it : batch) {
+    auto* r = static_cast<Request*>(it);
+    assert(r->kind == Kind::kRequest);
+    if (r->responded) {
+      out.EmitTo(serialize_, r);
+      continue;
+    }
+    const RequestHead& h = r->head;
+    if (h.method_id == Method::kOther) {
+      not_implemented_.Add();
+      Answer(r, 501, "method not implemented\n", out);
+      continue;
+    }
+    std::string_view allow;
+    int target = -1;
+    switch (router_.Find(h.method_id, h.path, r, &allow, &target)) {
+      case Router::Result::kNotFound:
+        not_found_.Add();
+        Answer(r, 404, "not found\n", out);
+        continue;
+      case Router::Result::kMethodNotAllowed:
+        not_allowed_.Add();
+        r->resp.allow = allow;
+        Answer(r, 405, "method not allowed\n", out);
+        continue;
+      case Router::Result::kFound:
+        break;
+    }
+    found_.Add();
+    r->route = target;
+    const RouteTarget& t = table_->targets[static_cast<size_t>(target)];
+    if (t.kind == RouteTarget::Kind::kNative) {
+      r->resp.status = t.status;
+      r->resp.content_type = t.content_type;
+      r->resp.body = t.body;
+      r->responded = true;
+      out.EmitTo(serialize_, r);
+      continue;
+    }
+    if (out.Congested(next_)) {
+      shed_.Add();
+      LOG_RATE_LIMITED(LogLevel::kWarn, "shed %s %.*s with 503: the Python queue is full",
+                       MethodName(h.method_id), static_cast<int>(h.path.size()), h.path.data());
+      r->resp.retry_after_s = config_.retry_after_s;
+      Answer(r, 503, "server busy; retry later\n", out);
+      continue;
+    }
+    out.Emit(r);
+  }
+}
+
+void RouteStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
+  emit("routed_total", static_cast<double>(found_.Get()));
+  emit("not_found_total", static_cast<double>(not_found_.Get()));
+  emit("method_not_allowed_total", static_cast<double>(not_allowed_.Get()));
+  emit("not_implemented_total", static_cast<double>(not_implemented_.Get()));
+  emit("shed_total", static_cast<double>(shed_.Get()));
+}
+
+METRONOME_REGISTER_STAGE("route", RouteStage);
+
+}  // namespace metronome::http

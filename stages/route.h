@@ -1,0 +1,30 @@
+// route: method + path -> native response or Python handler (see route.cc).
+// Thread-safety: runs on its lane only.
+#pragma once
+
+#include "runtime/stage.h"
+#include "stages/http/router.h"
+#include "stages/http/shared.h"
+
+namespace metronome::http {
+
+class RouteStage : public Stage {
+ public:
+  absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
+  absl::Status Start(StageEnv& env) override;
+  void Process(std::span<Item* const> batch, Outbox& out) override;
+  void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const override;
+
+ private:
+  void Answer(Request* r, int status, absl::string_view body, Outbox& out);
+
+  HttpConfig config_;
+  RouteTable* table_ = nullptr;
+  std::vector<RouteTarget> native_;
+  Router router_;
+  int serialize_ = -1;
+  int next_ = -1;  // the stage after route (python or a plugin), when there is one
+  Counter found_, not_found_, not_allowed_, not_implemented_, shed_;
+};
+
+}  // namespace metronome::http

@@ -1,0 +1,254 @@
+// send: responses leave in request order per connection, whatever order they arrive in (routes
+// answered natively overtake Python ones; plugins and lanes reorder). Each connection has at most
+// one sendmsg in flight; it carries every response that is ready and next in order (pipelining),
+// and a partial write is resumed where it stopped.
+//
+// Ending a connection (conn.h): after a response marked close, the write side is shut down
+// (the client sees the end after the response). kShutdown asks for a full shutdown once the
+// responses before it are written. The fd is closed here, exactly once, when the read side has
+// ended (kClosed) and every response parse issued was written or dropped; then the slot goes back
+// to the table. A peer that vanished turns the rest of its responses into drops.
+#include "stages/send.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "runtime/log.h"
+#include "runtime/outbox.h"
+#include "runtime/registry.h"
+#include "runtime/uring.h"
+
+namespace metronome::http {
+namespace {
+
+constexpr char kContinue[] = "HTTP/1.1 100 Continue\r\n\r\n";
+
+}  // namespace
+
+absl::Status SendStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& env) {
+  (void)entry;
+  shared_ = &GetHttpShared(env, root, &config_);
+  return absl::OkStatus();
+}
+
+absl::Status SendStage::Start(StageEnv& env) {
+  shared_->Setup(config_);
+  ring_ = env.ring();
+  tag_ = env.ring_tag();
+  conns_ = std::vector<Conn>(config_.max_connections);
+  giver_ = shared_->requests.MakeGiverToken();
+  return absl::OkStatus();
+}
+
+SendStage::Conn* SendStage::Lookup(ConnId id) {
+  Conn& c = conns_[SlotOf(id)];
+  if (c.gen != GenOf(id)) {
+    assert(c.waiting == nullptr && !c.writing && "slot reused while send still held its responses");
+    c = Conn();
+    c.gen = GenOf(id);
+    c.id = id;
+  }
+  return &c;
+}
+
+void SendStage::Process(std::span<Item* const> batch, Outbox& out) {
+  (void)out;
+  for (Item* it : batch) {
+    auto* item = static_cast<HttpItem*>(it);
+    Conn* c = Lookup(item->conn);
+    switch (item->kind) {
+      case Kind::kRequest:
+        Enqueue(c, static_cast<Request*>(item));
+        break;
+      case Kind::kClosed:
+        c->read_closed = true;
+        c->issued = static_cast<ConnEvent*>(item)->requests_issued;
+        break;
+      case Kind::kShutdown:
+        c->shutdown_wanted = true;
+        c->shutdown_seq = static_cast<ConnEvent*>(item)->seq;
+        break;
+      case Kind::kContinue:
+        c->continue_wanted = true;
+        c->continue_seq = static_cast<ConnEvent*>(item)->seq;
+        break;
+      default:
+        Fatal("send: unexpected item kind %d", static_cast<int>(item->kind));
+    }
+    TryWrite(c);
+    MaybeEnd(c);
+  }
+}
+
+// Inserts r into the connection's list, which stays sorted by seq.
+void SendStage::Enqueue(Conn* c, Request* r) {
+  if (c->peer_gone || c->shut) {
+    Retire(c, r, false);  // accounted for, never written
+    return;
+  }
+  assert(r->seq >= c->next_seq && "a response for a sequence number already written");
+  Request** p = &c->waiting;
+  while (*p != nullptr && (*p)->seq < r->seq) p = &(*p)->next_out;
+  r->next_out = *p;
+  *p = r;
+}
+
+void SendStage::TryWrite(Conn* c) {
+  if (c->writing || c->peer_gone) return;
+  const int fd = shared_->conns.fd(c->id);
+  if (c->continue_wanted && c->continue_seq == c->next_seq) {
+    c->continue_wanted = false;
+    // Skip the go-ahead when the final response is already here (e.g. an early 413).
+    if (c->waiting == nullptr || c->waiting->seq != c->next_seq) {
+      c->iov[0].iov_base = const_cast<char*>(kContinue);
+      c->iov[0].iov_len = sizeof kContinue - 1;
+      c->iov_n = 1;
+      c->batch = 0;
+      c->writing_continue = true;
+      continues_.Add();
+    }
+  }
+  if (!c->writing_continue) {
+    // Everything ready and next in order, up to the iovec limit or a response that closes.
+    c->iov_n = 0;
+    c->batch = 0;
+    uint32_t seq = c->next_seq;
+    for (Request* r = c->waiting; r != nullptr && r->seq == seq && c->iov_n + r->iov_count <= kIovMax; r = r->next_out, ++seq) {
+      for (int i = 0; i < r->iov_count; ++i) c->iov[c->iov_n++] = r->iov[i];
+      ++c->batch;
+      if (r->resp.close) break;
+    }
+    if (c->batch == 0) return;
+  }
+  c->msg = msghdr{};
+  c->msg.msg_iov = c->iov;
+  c->msg.msg_iovlen = static_cast<size_t>(c->iov_n);
+  io_uring_sqe* sqe = ring_->GetSqe();
+  io_uring_prep_sendmsg(sqe, fd, &c->msg, MSG_NOSIGNAL);
+  sqe->user_data = Ring::Pack(tag_, (static_cast<uint64_t>(SlotOf(c->id)) << 32) | c->gen);
+  c->writing = true;
+  sendmsgs_.Add();
+}
+
+void SendStage::OnCompletion(const io_uring_cqe& cqe, Outbox& out) {
+  (void)out;
+  uint64_t payload = Ring::PayloadOf(cqe.user_data);
+  Conn& c = conns_[payload >> 32];
+  assert(c.gen == static_cast<uint32_t>(payload) && c.writing);
+  c.writing = false;
+  OnWritten(&c, cqe.res);
+  TryWrite(&c);
+  MaybeEnd(&c);
+}
+
+void SendStage::OnWritten(Conn* c, int res) {
+  if (res < 0) {
+    c->writing_continue = false;
+    if (res != -EPIPE && res != -ECONNRESET) {
+      LOG_RATE_LIMITED(LogLevel::kWarn, "send on connection %u failed: %s", SlotOf(c->id), std::strerror(-res));
+    }
+    write_errors_.Add();
+    c->peer_gone = true;
+    DropAll(c);
+    return;
+  }
+  bytes_out_.Add(static_cast<uint64_t>(res));
+  size_t left = static_cast<size_t>(res);
+  // Skip the iovecs fully written.
+  int i = 0;
+  while (i < c->iov_n && left >= c->iov[i].iov_len) left -= c->iov[i++].iov_len;
+  if (i < c->iov_n) {
+    // A partial write: resume from where it stopped, same responses.
+    partial_writes_.Add();
+    c->iov[i].iov_base = static_cast<char*>(c->iov[i].iov_base) + left;
+    c->iov[i].iov_len -= left;
+    std::memmove(c->iov, c->iov + i, sizeof(iovec) * static_cast<size_t>(c->iov_n - i));
+    c->iov_n -= i;
+    c->msg.msg_iov = c->iov;
+    c->msg.msg_iovlen = static_cast<size_t>(c->iov_n);
+    io_uring_sqe* sqe = ring_->GetSqe();
+    io_uring_prep_sendmsg(sqe, shared_->conns.fd(c->id), &c->msg, MSG_NOSIGNAL);
+    sqe->user_data = Ring::Pack(tag_, (static_cast<uint64_t>(SlotOf(c->id)) << 32) | c->gen);
+    c->writing = true;
+    return;
+  }
+  if (c->writing_continue) {
+    c->writing_continue = false;
+    return;
+  }
+  bool close = false;
+  for (int k = 0; k < c->batch; ++k) {
+    Request* r = c->waiting;
+    c->waiting = r->next_out;
+    close = r->resp.close;
+    Retire(c, r, true);
+    ++c->next_seq;
+  }
+  if (close && !c->shut) {
+    // The response said Connection: close. Shutting the write side lets the client read to
+    // the end; its EOF (or the linger timeout in parse) ends the read side.
+    ::shutdown(shared_->conns.fd(c->id), SHUT_WR);
+    c->shut = true;
+    DropAll(c);
+  }
+}
+
+void SendStage::Retire(Conn* c, Request* r, bool written) {
+  ++c->accounted;
+  if (written) {
+    int cls = r->resp.status / 100;
+    responses_[cls >= 1 && cls <= 5 ? cls : 0].Add();
+  } else {
+    dropped_.Add();
+  }
+  shared_->requests.Give(r, *giver_);
+  if (shared_->parse_wants_requests.load(std::memory_order_relaxed) && shared_->parse_waker != nullptr) {
+    shared_->parse_waker->Notify();
+  }
+}
+
+// Drops every response still waiting (the peer is gone or the connection is ending).
+void SendStage::DropAll(Conn* c) {
+  while (c->waiting != nullptr) {
+    Request* r = c->waiting;
+    c->waiting = r->next_out;
+    Retire(c, r, false);
+  }
+}
+
+void SendStage::MaybeEnd(Conn* c) {
+  if (c->writing) return;
+  if (c->shutdown_wanted && !c->shut && c->accounted >= c->shutdown_seq && c->waiting == nullptr) {
+    // Timeouts and errors: end both directions; the pending recv completes and accept emits
+    // kClosed.
+    ::shutdown(shared_->conns.fd(c->id), SHUT_RDWR);
+    c->shut = true;
+  }
+  if (c->read_closed && c->accounted >= c->issued && c->waiting == nullptr) {
+    close(shared_->conns.fd(c->id));
+    shared_->conns.Release(c->id);
+    closed_.Add();
+    c->gen = 0;  // never matches a live generation (they start at 1)
+  }
+}
+
+bool SendStage::Idle() const { return shared_ == nullptr || !shared_->ready() || shared_->conns.open() == 0; }
+
+void SendStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
+  static const char* kClass[] = {"responses_other_total", "responses_1xx_total", "responses_2xx_total",
+                                 "responses_3xx_total", "responses_4xx_total", "responses_5xx_total"};
+  for (int i = 0; i < 6; ++i) emit(kClass[i], static_cast<double>(responses_[i].Get()));
+  emit("bytes_out_total", static_cast<double>(bytes_out_.Get()));
+  emit("sendmsg_total", static_cast<double>(sendmsgs_.Get()));
+  emit("partial_writes_total", static_cast<double>(partial_writes_.Get()));
+  emit("write_errors_total", static_cast<double>(write_errors_.Get()));
+  emit("responses_dropped_total", static_cast<double>(dropped_.Get()));
+  emit("connections_closed_total", static_cast<double>(closed_.Get()));
+  emit("continues_total", static_cast<double>(continues_.Get()));
+}
+
+METRONOME_REGISTER_STAGE("send", SendStage);
+
+}  // namespace metronome::http

@@ -1,0 +1,75 @@
+// send: writes responses in request order per connection, and ends connections (see send.cc).
+// Thread-safety: runs on its lane only.
+#pragma once
+
+#include <sys/socket.h>
+
+#include <memory>
+#include <vector>
+
+#include "runtime/stage.h"
+#include "stages/http/shared.h"
+
+namespace metronome {
+class Ring;
+}
+
+namespace metronome::http {
+
+class SendStage : public Stage {
+ public:
+  // iovecs in one sendmsg: up to half as many pipelined responses (two iovecs each).
+  static constexpr int kIovMax = 32;
+
+  absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
+  absl::Status Start(StageEnv& env) override;
+  void Process(std::span<Item* const> batch, Outbox& out) override;
+  void OnCompletion(const io_uring_cqe& cqe, Outbox& out) override;
+  bool Idle() const override;
+  bool IsSink() const override { return true; }
+  bool NeedsRing() const override { return true; }
+  void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const override;
+
+ private:
+  struct Conn {
+    uint32_t gen = 0;
+    ConnId id = 0;
+    uint32_t next_seq = 0;          // the response to write next
+    uint32_t accounted = 0;         // responses written or dropped
+    Request* waiting = nullptr;     // responses not yet written, by seq
+    bool writing = false;           // a sendmsg is in flight
+    bool writing_continue = false;  // ... and it is the 100 Continue
+    int batch = 0;                  // responses in the in-flight sendmsg
+    iovec iov[kIovMax];
+    int iov_n = 0;
+    msghdr msg{};
+    bool peer_gone = false;         // a write failed: later responses are dropped
+    bool read_closed = false;       // kClosed seen
+    uint32_t issued = 0;            // ... with this many responses to account for
+    bool shutdown_wanted = false;   // kShutdown seen
+    uint32_t shutdown_seq = 0;
+    bool shut = false;              // shutdown(2) done
+    bool continue_wanted = false;
+    uint32_t continue_seq = 0;
+  };
+
+  Conn* Lookup(ConnId id);
+  void Enqueue(Conn* c, Request* r);
+  void TryWrite(Conn* c);
+  void OnWritten(Conn* c, int res);
+  void Retire(Conn* c, Request* r, bool written);
+  void DropAll(Conn* c);
+  void MaybeEnd(Conn* c);
+
+  HttpConfig config_;
+  HttpShared* shared_ = nullptr;
+  Ring* ring_ = nullptr;
+  uint8_t tag_ = 0;
+  std::vector<Conn> conns_;
+  std::unique_ptr<RequestPool::GiverToken> giver_;
+
+  Counter responses_[6];  // by status class: [1] 1xx ... [5] 5xx
+  Counter bytes_out_, sendmsgs_, partial_writes_, write_errors_, dropped_, closed_, continues_;
+};
+
+}  // namespace metronome::http

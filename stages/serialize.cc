@@ -1,0 +1,141 @@
+// serialize: writes the status line and header fields (Server, Date, Content-Type,
+// Content-Length or chunked framing, Connection, and the response's own fields), then the body.
+// A body up to kInlineBodyMax is copied after the fields so that send writes one buffer; a
+// larger one is sent in place as a second iovec. HEAD keeps the GET route's Content-Length and
+// drops the body; 1xx, 204 and 304 carry neither body nor Content-Length.
+#include "stages/serialize.h"
+
+#include "absl/strings/str_cat.h"
+#include "runtime/log.h"
+#include "runtime/outbox.h"
+#include "runtime/registry.h"
+#include "runtime/strings.h"
+
+namespace metronome::http {
+namespace {
+
+// Bodies up to this size are copied next to the header fields (one contiguous send); larger
+// ones are written from where they are.
+constexpr size_t kInlineBodyMax = 16 * 1024;
+
+bool HasNoBody(int status) { return status < 200 || status == 204 || status == 304; }
+
+// Field names are tokens; values must not hold CR, LF or NUL (response splitting).
+bool SafeField(const std::string& name, const std::string& value) {
+  if (name.empty()) return false;
+  for (char c : name) {
+    if (c <= ' ' || c == ':' || c == 127) return false;
+  }
+  for (char c : value) {
+    if (c == '\r' || c == '\n' || c == '\0') return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::Status SerializeStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& env) {
+  (void)entry;
+  GetHttpShared(env, root, &config_);
+  server_field_ = absl::StrCat("Server: ", config_.server_name, "\r\n");
+  RefreshDate();
+  return absl::OkStatus();
+}
+
+void SerializeStage::RefreshDate() {
+  time_t now = time(nullptr);
+  if (now == date_second_) return;
+  date_second_ = now;
+  tm t;
+  gmtime_r(&now, &t);
+  char buf[64];
+  size_t n = strftime(buf, sizeof buf, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &t);
+  date_field_.assign(buf, n);
+}
+
+void SerializeStage::Process(std::span<Item* const> batch, Outbox& out) {
+  RefreshDate();
+  for (Item* it : batch) {
+    auto* r = static_cast<Request*>(it);
+    assert(r->kind == Kind::kRequest && r->responded);
+    Serialize(r);
+    out.Emit(r);
+  }
+}
+
+void SerializeStage::Serialize(Request* r) {
+  Response& resp = r->resp;
+  const bool keep_alive = r->head.keep_alive && !resp.close;
+  resp.close = !keep_alive;
+  std::string& w = r->wire;
+  w.clear();
+  absl::StrAppend(&w, "HTTP/1.1 ", resp.status, " ", ReasonPhrase(resp.status), "\r\n");
+  w += server_field_;
+  w += date_field_;
+  const bool no_body = HasNoBody(resp.status);
+  bool chunked = resp.chunked && !no_body;
+  if (chunked && r->head.version_minor == 0) {
+    // HTTP/1.0 has no chunked framing: send the parts as one body.
+    for (const auto& part : resp.body_parts) resp.body_storage += part;
+    resp.body = resp.body_storage;
+    chunked = false;
+  }
+  if (!no_body) {
+    if (!resp.content_type.empty()) absl::StrAppend(&w, "Content-Type: ", Sv(resp.content_type), "\r\n");
+    if (chunked) {
+      w += "Transfer-Encoding: chunked\r\n";
+      chunked_.Add();
+    } else {
+      absl::StrAppend(&w, "Content-Length: ", resp.body.size(), "\r\n");
+    }
+  }
+  if (!keep_alive) {
+    w += "Connection: close\r\n";
+  } else if (r->head.version_minor == 0) {
+    w += "Connection: keep-alive\r\n";
+  }
+  if (!resp.allow.empty()) absl::StrAppend(&w, "Allow: ", Sv(resp.allow), "\r\n");
+  if (resp.retry_after_s > 0) absl::StrAppend(&w, "Retry-After: ", resp.retry_after_s, "\r\n");
+  if (!resp.budget.empty()) absl::StrAppend(&w, "Metronome-Budget: ", Sv(resp.budget), "\r\n");
+  for (const ExtraHeader& h : resp.headers) {
+    if (!SafeField(h.name, h.value)) {
+      dropped_headers_.Add();
+      LOG_RATE_LIMITED(LogLevel::kWarn, "dropped response field '%s': invalid name or CR/LF in value", h.name.c_str());
+      continue;
+    }
+    absl::StrAppend(&w, h.name, ": ", h.value, "\r\n");
+  }
+  w += "\r\n";
+  r->iov_count = 1;
+  if (!no_body && !r->is_head) {
+    if (chunked) {
+      for (const auto& part : resp.body_parts) {
+        if (part.empty()) continue;  // a zero-size chunk would end the body
+        absl::StrAppend(&w, absl::Hex(part.size()), "\r\n");
+        w += part;
+        w += "\r\n";
+      }
+      w += "0\r\n\r\n";
+    } else if (resp.body.size() <= kInlineBodyMax) {
+      w.append(resp.body.data(), resp.body.size());
+    } else {
+      large_bodies_.Add();
+      r->iov[1].iov_base = const_cast<char*>(resp.body.data());
+      r->iov[1].iov_len = resp.body.size();
+      r->iov_count = 2;
+    }
+  }
+  r->iov[0].iov_base = w.data();
+  r->iov[0].iov_len = w.size();
+  r->wire_total = w.size() + (r->iov_count == 2 ? r->iov[1].iov_len : 0);
+}
+
+void SerializeStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
+  emit("chunked_responses_total", static_cast<double>(chunked_.Get()));
+  emit("large_bodies_total", static_cast<double>(large_bodies_.Get()));
+  emit("dropped_response_fields_total", static_cast<double>(dropped_headers_.Get()));
+}
+
+METRONOME_REGISTER_STAGE("serialize", SerializeStage);
+
+}  // namespace metronome::http
