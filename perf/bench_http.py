@@ -136,12 +136,15 @@ def main():
                 "min": min(r.rps for r in rs), "max": max(r.rps for r in rs),
                 "errors": sum(r.errors for r in rs), "n": len(rs),
                 "error_kinds": H.sum_error_kinds(rs),
+                # a server answering 404/5xx fast is not a result: flag it, keep it out of "best"
+                "bad": sum(r.non2xx for r in rs) > 0.01 * max(1, sum(r.requests for r in rs)),
                 "fail": len(failures.get((target.key, spec.name), [])),
             }
-        peer_rps = [m["rps"] for s in specs if s.is_peer and isinstance(m := med[s.name], dict)]
+        peer_rps = [m["rps"] for s in specs
+                    if s.is_peer and isinstance(m := med[s.name], dict) and not m["bad"]]
         best = max(peer_rps) if peer_rps else float("nan")
         best_name = next((s.name for s in specs if s.is_peer and isinstance(med[s.name], dict)
-                          and med[s.name]["rps"] == best), None)
+                          and not med[s.name]["bad"] and med[s.name]["rps"] == best), None)
         for spec in specs:
             m = med[spec.name]
             if m is None:
@@ -150,7 +153,8 @@ def main():
                 row = [target.label, spec.name, "failed", "", "", ""]
             else:
                 ratio = m["rps"] / best if best == best and best > 0 else float("nan")
-                row = [target.label, spec.name, H.fmt_num(m["rps"], 0), H.fmt_ms(m["p50"]),
+                row = [target.label, spec.name,
+                       H.fmt_num(m["rps"], 0) + (" (!)" if m["bad"] else ""), H.fmt_ms(m["p50"]),
                        H.fmt_ms(m["p99"]), H.fmt_num(ratio, 2) + "x"]
             extra = []
             if args.rounds > 1:
@@ -184,7 +188,8 @@ def main():
         "(nginx counts: it is the static ceiling on /plaintext and /json). "
         "errors = wrk non-2xx/3xx responses and socket errors by kind, summed over rounds "
         "(a server that closes the connection after each response without `Connection: close`, "
-        "like uWSGI --http-socket, shows one wrk 'read' error per response: wrk reconnects).",
+        "like uWSGI --http-socket, shows one wrk 'read' error per response: wrk reconnects). "
+        "(!) = more than 1 % non-2xx/3xx answers: not a valid result, never the 'best peer'.",
         f"load average at end: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; elapsed {elapsed / 60:.1f} min",
     ]
     print()

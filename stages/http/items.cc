@@ -32,6 +32,8 @@ void Request::Reset() {
   is_head = false;
   resp.Reset();
   responded = false;
+  py_request = nullptr;
+  plugins_seen = 0;
   next_out = nullptr;
   wire.clear();
   iov_count = 0;
@@ -100,6 +102,7 @@ const char* ReasonPhrase(int status) {
     case 414: return "URI Too Long";
     case 415: return "Unsupported Media Type";
     case 417: return "Expectation Failed";
+    case 418: return "I'm a teapot";
     case 422: return "Unprocessable Content";
     case 429: return "Too Many Requests";
     case 431: return "Request Header Fields Too Large";

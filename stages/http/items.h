@@ -112,6 +112,11 @@ struct Request : HttpItem {
   Response resp;
   bool responded = false;       // resp is final (route or python filled it)
 
+  // Python's view of this request (a _metronome.Request), made by the first Python stage that
+  // sees it (a plugin or the python stage) and released, under the GIL, by the last.
+  void* py_request = nullptr;
+  uint32_t plugins_seen = 0;    // bit i: plugin i ran on_request (python calls on_response)
+
   Request* next_out = nullptr;  // send's per-connection list of responses waiting their turn
   std::string wire;             // status line + fields (+ body when small): serialize's output
   iovec iov[2] = {};            // what send writes: wire, then a large body in place

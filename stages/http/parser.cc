@@ -4,7 +4,8 @@
 //   1. Up to kLeadingEmptyLinesMax CRLFs before the request line are skipped.
 //   2. The end of the head (the first empty line) is searched with memchr on '\n', restarting at
 //      prev_len, and only within the first max_header_bytes bytes of the head. Every LF met on the
-//      way must follow a CR.
+//      way must follow a CR. (Fast path: on a first call with a buffer that ends in LF, step 4 is
+//      tried directly, with that LF as the sentinel; if it fails, steps 2-4 run as usual.)
 //   3. Incomplete: the bytes seen so far are checked for "lexical" errors (NUL, bare CR, bare LF,
 //      request line or head already over its limit), so a slow client cannot park junk.
 //   4. Complete: one pass over the head parses and validates the request line and every field,
@@ -81,14 +82,66 @@ constexpr std::array<char, 256> MakeLower() {
 
 constexpr std::array<char, 256> kLower = MakeLower();
 
+// Word-at-a-time helpers (8 bytes): a fast path that only ever skips bytes that are certainly
+// valid; anything unusual (HTAB, a CTL, the CR at the end) falls back to the byte loop.
+constexpr uint64_t kOnes = 0x0101010101010101ULL;
+constexpr uint64_t kHighs = 0x8080808080808080ULL;
+inline uint64_t Load8(const char* p) {
+  uint64_t x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+inline uint32_t Load4(const char* p) {
+  uint32_t x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+// Whether some byte of x is < n (n <= 128).
+inline bool HasLess(uint64_t x, uint8_t n) { return ((x - kOnes * n) & ~x & kHighs) != 0; }
+inline bool HasZero(uint64_t x) { return ((x - kOnes) & ~x & kHighs) != 0; }
+// 8 bytes of VCHAR / obs-text / SP: no CTL (< 0x20 or DEL).
+inline bool AllFieldBytes(uint64_t x) { return !HasLess(x, 0x20) && !HasZero(x ^ (kOnes * 0x7f)); }
+// 8 bytes of VCHAR (0x21..0x7e).
+inline bool AllVchar(uint64_t x) {
+  return (x & kHighs) == 0 && !HasLess(x, 0x21) && !HasZero(x ^ (kOnes * 0x7f));
+}
+
 inline bool Is(char c, uint8_t cls) { return (kClass[static_cast<unsigned char>(c)] & cls) != 0; }
+
+// Skips the bytes of class `cls` from p (4 at a time while at least 4 remain before e, then one by
+// one: the caller guarantees a byte outside the class before e).
+inline const char* Skip(const char* p, const char* e, uint8_t cls) {
+  while (e - p >= 4) {
+    const uint8_t m = kClass[static_cast<unsigned char>(p[0])] & kClass[static_cast<unsigned char>(p[1])] &
+                      kClass[static_cast<unsigned char>(p[2])] & kClass[static_cast<unsigned char>(p[3])];
+    if ((m & cls) == 0) break;
+    p += 4;
+  }
+  while (Is(*p, cls)) ++p;
+  return p;
+}
 inline bool IsWs(char c) { return c == ' ' || c == '\t'; }
 
-// `lower` must already be lower case.
+// Compares s with a literal made of lower-case letters, digits, '-', ':' and '/' only. `c | 0x20`
+// folds case; it would also map some CTLs (0x00-0x1F) onto digits or those punctuation marks, but
+// s is always validated text (tokens, field values, targets) that holds no CTL.
+// Word-wise: those literal characters already have bit 5 set, so OR-ing whole words is exact.
 inline bool EqualsLower(std::string_view s, std::string_view lower) {
-  if (s.size() != lower.size()) return false;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (kLower[static_cast<unsigned char>(s[i])] != lower[i]) return false;
+  const size_t n = s.size();
+  if (n != lower.size()) return false;
+  const char* a = s.data();
+  const char* b = lower.data();
+  if (n >= 8) {
+    for (size_t i = 0; i + 8 <= n; i += 8) {
+      if ((Load8(a + i) | (kOnes * 0x20)) != Load8(b + i)) return false;
+    }
+    return (Load8(a + n - 8) | (kOnes * 0x20)) == Load8(b + n - 8);
+  }
+  if (n >= 4) {
+    return ((Load4(a) | 0x20202020u) == Load4(b)) && ((Load4(a + n - 4) | 0x20202020u) == Load4(b + n - 4));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if ((a[i] | 0x20) != b[i]) return false;
   }
   return true;
 }
@@ -167,6 +220,9 @@ bool FindLexicalError(const char* buf, size_t end, size_t start, size_t from, co
   }
   size_t stop = std::min(end, best);
   for (size_t i = std::max(from, start); i < stop; ++i) {
+    // Skip words without NUL, LF or CR (all < 0x0e).
+    while (stop - i >= 8 && !HasLess(Load8(buf + i), 0x0e)) i += 8;
+    if (i == stop) break;
     char c = buf[i];
     if (c == '\0') {
       Fail(err, 400, "NUL byte in request head");
@@ -367,16 +423,20 @@ inline bool OnField(std::string_view name, std::string_view value, RequestHead* 
   return true;
 }
 
-// The semantic pass over a complete head buf[start, end) (which ends in CRLF CRLF and is within
-// max_header_bytes).
+// The semantic pass over the head starting at buf[start]. buf[end - 1] must be an LF: every scan
+// stops at the CR or LF that ends its line (neither is in any character class), so the scans
+// need no bounds checks. On success *head_end is the offset just past the empty line that ends
+// the head. Two callers: with `end` the end of the head found by the search (then *head_end ==
+// end), or optimistically with `end` the end of a buffer that ends in LF, where the head may end
+// sooner or not at all (a failure then only means "take the general path").
 bool ParseHead(const char* buf, size_t start, size_t end, const Limits& limits, RequestHead* out,
-               ParseError* err) {
+               ParseError* err, size_t* head_end) {
   const char* p = buf + start;
   const char* const e = buf + end;
 
   // method SP
   const char* m = p;
-  while (Is(*p, kTchar)) ++p;
+  p = Skip(p, e, kTchar);
   if (p == m || *p != ' ') return Fail(err, 400, "invalid method");
   out->method = std::string_view(m, static_cast<size_t>(p - m));
   out->method_id = MethodIdOf(out->method);
@@ -384,6 +444,7 @@ bool ParseHead(const char* buf, size_t start, size_t end, const Limits& limits, 
 
   // request-target SP
   const char* t = p;
+  while (e - p >= 8 && AllVchar(Load8(p))) p += 8;
   while (Is(*p, kVchar)) ++p;
   if (p == t || *p != ' ') return Fail(err, 400, "invalid request-target");
   out->target = std::string_view(t, static_cast<size_t>(p - t));
@@ -409,13 +470,14 @@ bool ParseHead(const char* buf, size_t start, size_t end, const Limits& limits, 
   FieldState st;
   size_t n = 0;
   for (;;) {
+    if (p == e) return Fail(err, 400, "malformed request head");  // only in optimistic mode
     if (*p == '\r') {
       if (p[1] != '\n') return Fail(err, 400, "bare CR in request head");
       p += 2;
       break;
     }
     const char* name = p;
-    while (Is(*p, kTchar)) ++p;
+    p = Skip(p, e, kTchar);
     if (*p != ':' || p == name) {
       if (p == name && IsWs(*p)) return Fail(err, 400, "obs-fold or whitespace before a field");
       if (IsWs(*p)) return Fail(err, 400, "whitespace between field name and colon");
@@ -425,7 +487,8 @@ bool ParseHead(const char* buf, size_t start, size_t end, const Limits& limits, 
     ++p;
     while (IsWs(*p)) ++p;
     const char* v = p;
-    while (Is(*p, kFvalue)) ++p;
+    while (e - p >= 8 && AllFieldBytes(Load8(p))) p += 8;
+    p = Skip(p, e, kFvalue);
     if (*p != '\r' || p[1] != '\n') return Fail(err, 400, "invalid character in field value");
     const char* ve = p;
     while (ve > v && IsWs(ve[-1])) --ve;
@@ -440,7 +503,7 @@ bool ParseHead(const char* buf, size_t start, size_t end, const Limits& limits, 
     }
   }
   out->num_headers = n;
-  if (p != e) return Fail(err, 400, "malformed request head");  // unreachable by construction
+  *head_end = static_cast<size_t>(p - buf);
 
   // Framing and cross-field rules.
   const bool v11 = out->version_minor == 1;
@@ -544,9 +607,23 @@ ParseStatus ParseRequestHead(const char* buf, size_t len, size_t prev_len, const
     start += 2;
   }
 
+  // Fast path for the common case, a buffer holding whole requests: when it ends in LF, parse
+  // optimistically with that LF as the sentinel and skip the search for the end of the head.
+  // Only on a first call (prev_len 0), so that a client sending line by line does not make every
+  // call rescan the whole buffer. Any failure falls through to the general path, which is the
+  // only one that reports errors.
+  const size_t hb = limits.max_header_bytes;
+  if (prev_len == 0 && buf[len - 1] == '\n') {
+    size_t head_end = 0;
+    ResetHead(out);
+    if (ParseHead(buf, start, len, limits, out, err, &head_end) && head_end - start <= hb) {
+      *consumed = head_end;
+      return ParseStatus::kComplete;
+    }
+  }
+
   // 2. The end of the head: the first LF preceded by CR LF CR. LFs before prev_len were checked
   // by the previous call; a final LF can only be at prev_len or later.
-  const size_t hb = limits.max_header_bytes;
   const size_t search_end = len - start > hb ? start + hb : len;
   prev_len = std::min(prev_len, len);
   const char* p = buf + std::max(start, prev_len);
@@ -581,7 +658,10 @@ ParseStatus ParseRequestHead(const char* buf, size_t len, size_t prev_len, const
 
   // 4. Complete.
   ResetHead(out);
-  if (!ParseHead(buf, start, end, limits, out, err)) {
+  size_t head_end = 0;
+  bool ok = ParseHead(buf, start, end, limits, out, err, &head_end);
+  if (ok && head_end != end) ok = Fail(err, 400, "malformed request head");  // unreachable
+  if (!ok) {
     FindLexicalError(buf, end, start, start, limits, err);  // overrides when it finds one
     out->keep_alive = false;
     return ParseStatus::kError;
