@@ -47,6 +47,13 @@ absl::Status Initialize(const InterpreterOptions& options) {
   }
   g_initialized = true;
 
+  // threading records the thread that imports it first as its main thread and waits for it at
+  // finalisation: that must be this thread, not a plugin thread importing a module that happens
+  // to import threading (Py_FinalizeEx would then wait forever).
+  PyObject* threading = PyImport_ImportModule("threading");
+  if (threading == nullptr) return absl::InternalError(absl::StrCat("cannot import threading: ", FetchExceptionLine()));
+  Py_DECREF(threading);
+
   // sys.path: the configured directories first, then the metronome package.
   PyObject* sys_path = PySys_GetObject("path");  // borrowed
   std::vector<std::string> dirs = options.path;
