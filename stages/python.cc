@@ -1,15 +1,27 @@
-// python: the application's handlers, in the embedded interpreter, on the process's main thread.
+// python: the application's handlers, in the embedded interpreter.
 //
-// Start initialises the interpreter, imports `python.app` ("module:attribute"), takes the app's
-// routes into the shared route table (the route stage builds its router from it) and runs the
-// app's startup hooks. A module that fails to import, a missing attribute or a failing hook
+// The first python stage in the pipeline runs on the process's main thread. Its Start
+// initialises the interpreter (with the allocator wrappers of the memory budget installed
+// first), imports `python.app` ("module:attribute"), takes the app's routes into the shared
+// route table (the route stage builds its router from it), starts the budget watchdog and runs
+// the app's startup hooks. A module that fails to import, a missing attribute or a failing hook
 // stops the server before it serves anything, with the traceback.
 //
-// Per batch the stage takes the GIL once; per request it makes (or reuses, when a plugin made
-// it) the request object, calls handler(request, **path_params) by vectorcall, turns the result
-// into a native Response (convert.h) and hands the request on to serialize. An exception is a
-// 500 with the traceback in the log, never in the response; metronome.HTTPError is its status.
+// More python stages may follow, each on its own thread (a lane), sharing the GIL: with
+// `serves: heavy` one takes the routes marked heavy, so that a long handler there leaves the
+// main lane free for the others; any lane takes the GIL from a running one within
+// python.switch_interval. With more than one lane, route (or the last plugin) picks the lane
+// per request (PythonShared::Dispatch).
+//
+// Per batch a lane takes the GIL once; per request it makes (or reuses, when a plugin made it)
+// the request object, calls handler(request, **path_params) by vectorcall under the request's
+// CPU and memory budgets (stages/py/budget.h), turns the result into a native Response
+// (convert.h) and hands the request to serialize. An exception is a 500 with the traceback in
+// the log, never in the response; metronome.HTTPError is its status; a budget overrun is a 503
+// naming the budget, whatever the handler did with the exception.
 #include "stages/python.h"
+
+#include <malloc.h>
 
 #include "absl/strings/str_cat.h"
 #include "runtime/log.h"
@@ -25,6 +37,10 @@ namespace metronome::py {
 namespace {
 
 constexpr std::string_view kInternalError = "internal server error\n";
+constexpr std::string_view kText = "text/plain; charset=utf-8";
+// A lane whose handler has run this long counts as occupied when dispatching: requests go to a
+// lane that is free or about to be.
+constexpr int64_t kLaneOccupiedNs = 2 * kNanosPerMilli;
 
 // Calls app.<name>() if the app has it; returns an error with the traceback if it raised.
 absl::Status CallHook(PyObject* app, const char* name) {
@@ -35,122 +51,269 @@ absl::Status CallHook(PyObject* app, const char* name) {
   return absl::OkStatus();
 }
 
+// A float number of seconds from a route's options dict, as ns (0 when None or absent).
+int64_t OptionNs(PyObject* options, const char* key) {
+  PyObject* v = PyDict_Check(options) ? PyDict_GetItemString(options, key) : nullptr;  // borrowed
+  if (v == nullptr || v == Py_None) return 0;
+  double s = PyFloat_AsDouble(v);
+  if (s < 0 || PyErr_Occurred()) {
+    PyErr_Clear();
+    return 0;
+  }
+  return static_cast<int64_t>(s * 1e9);
+}
+
+int64_t OptionInt(PyObject* options, const char* key) {
+  PyObject* v = PyDict_Check(options) ? PyDict_GetItemString(options, key) : nullptr;
+  if (v == nullptr || v == Py_None) return 0;
+  long long n = PyLong_AsLongLong(v);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    return 0;
+  }
+  return n;
+}
+
 }  // namespace
 
+int PythonShared::Dispatch(const http::RouteTarget& target) const {
+  const int64_t now = MonotonicNowNs();
+  const Serves want = target.heavy ? Serves::kHeavy : Serves::kLight;
+  // Lanes dedicated to this class of route first; lanes serving all routes otherwise.
+  bool dedicated = false;
+  for (const auto& l : lanes) dedicated |= l->serves == want;
+  int best = -1;
+  int64_t best_score = INT64_MAX;
+  for (size_t i = 0; i < lanes.size(); ++i) {
+    const Lane& l = *lanes[i];
+    if (l.serves != (dedicated ? want : Serves::kAll)) continue;
+    // Fewest requests waiting wins; a lane busy with a long handler only if nothing else fits.
+    int64_t busy = l.busy_since_ns.load(std::memory_order_relaxed);
+    int64_t score = l.backlog.load(std::memory_order_relaxed);
+    if (busy != 0 && now - busy > kLaneOccupiedNs) score += 1'000'000 + (now - busy) / kNanosPerMilli;
+    if (score < best_score) {
+      best_score = score;
+      best = static_cast<int>(i);
+    }
+  }
+  if (best < 0) best = 0;  // no lane for this class: the main lane takes it
+  lanes[static_cast<size_t>(best)]->backlog.fetch_add(1, std::memory_order_relaxed);
+  return lanes[static_cast<size_t>(best)]->stage_index;
+}
+
 absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& env) {
-  (void)entry;
   shared_ = &http::GetHttpShared(env, root, &http_config_);
   routes_ = &env.Shared<http::RouteTable>("routes");
   python_ = &env.Shared<PythonShared>("python");
+  serialize_ = env.FindStageOfType("serialize");
+  if (serialize_ < 0) return absl::InvalidArgumentError("python needs a serialize stage after it");
+  std::string serves = entry.Enum("serves", "all", {"all", "light", "heavy"});
+  auto lane = std::make_unique<PythonShared::Lane>();
+  lane->stage_index = env.stage_index();
+  lane->serves = serves == "light" ? PythonShared::Serves::kLight
+                 : serves == "heavy" ? PythonShared::Serves::kHeavy : PythonShared::Serves::kAll;
+  lane_ = static_cast<int>(python_->lanes.size());
+  main_ = lane_ == 0;
+  python_->lanes.push_back(std::move(lane));
+
   ConfigNode py = root.Map("python");
   app_spec_ = py.String("app", std::nullopt);
   if (!app_spec_.empty() && app_spec_.find(':') == std::string::npos) {
     py.Error("app", "expected \"package.module:attribute\", e.g. \"examples.app:app\"");
   }
   path_ = py.StringList("path");
-  py.Consume("budget");  // read by the budgets (request CPU and memory caps)
+  switch_interval_ns_ = py.DurationNs("switch_interval", 200 * kNanosPerMicro, kNanosPerMicro, kNanosPerSecond);
+  ConfigNode budget = py.Map("budget");
+  python_->cpu_budget_ns = budget.DurationNs("cpu", 50 * kNanosPerMilli, 0, 3600 * kNanosPerSecond);
+  python_->memory_budget_bytes = static_cast<int64_t>(budget.SizeBytes("memory", 64ull << 20, 0, 1ull << 40));
+  watchdog_options_.hard_ns = budget.DurationNs("hard", kNanosPerSecond, kNanosPerMilli, 3600 * kNanosPerSecond);
+  watchdog_options_.rss_limit_bytes = static_cast<int64_t>(budget.SizeBytes("rss_limit", 0, 0, 1ull << 44));
+  for (ConfigNode o : py.Seq("routes")) {
+    RouteOverride ov;
+    ov.path = o.String("path", std::nullopt);
+    ov.method = o.Enum("method", "", {"", "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"});
+    ov.cpu_ns = o.DurationNs("cpu", 0, 0, 3600 * kNanosPerSecond);
+    ov.memory_bytes = static_cast<int64_t>(o.SizeBytes("memory", 0, 0, 1ull << 40));
+    ov.heavy = o.Has("heavy") ? (o.Bool("heavy", false) ? 1 : 0) : -1;
+    ov.line = o.line();
+    overrides_.push_back(ov);
+  }
+  if (main_ && serves != "all" && serves != "light") {
+    entry.Error("serves", "the first python stage runs on the main thread and must serve all or light routes");
+  }
   return absl::OkStatus();
 }
 
 absl::Status PythonStage::Start(StageEnv& env) {
   (void)env;
   shared_->Setup(http_config_);
+  if (main_) return StartMain();
+  if (!python_->interpreter_ready) return absl::FailedPreconditionError("the main python stage did not start");
+  PyGILState_Ensure();  // this thread's state, kept for the whole run
+  watch_ = GlobalWatchdog().Register(false);
+  saved_ = PyEval_SaveThread();
+  return absl::OkStatus();
+}
+
+absl::Status PythonStage::StartMain() {
   InterpreterOptions options;
   options.path = path_;
+  // The memory budget needs its allocators in place before the interpreter allocates.
+  if (python_->memory_budget_bytes > 0) options.before_init = &InstallAllocatorWrappers;
   if (absl::Status s = Initialize(options); !s.ok()) return s;
   python_->interpreter_ready = true;
-
-  // Importing the app imports the metronome package, which registers its helpers.
-  if (absl::Status s = ImportObject(app_spec_, &app_); !s.ok()) {
-    PyEval_SaveThread();
-    return absl::FailedPreconditionError(absl::StrCat("python.app: ", s.message()));
-  }
   absl::Status result = [&]() -> absl::Status {
+    PyObject* sys = PyImport_ImportModule("sys");
+    PyObject* r = sys ? PyObject_CallMethod(sys, "setswitchinterval", "d", static_cast<double>(switch_interval_ns_) / 1e9) : nullptr;
+    Py_XDECREF(r);
+    Py_XDECREF(sys);
+    if (r == nullptr) return absl::InternalError(absl::StrCat("sys.setswitchinterval: ", FetchExceptionLine()));
+    // Importing the app imports the metronome package, which registers its helpers.
+    if (absl::Status s = ImportObject(app_spec_, &app_); !s.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat("python.app: ", s.message()));
+    }
     if (GetHelpers().response == nullptr) {
       return absl::FailedPreconditionError("the app did not import the metronome package (import metronome)");
     }
-    PyObject* list = PyObject_CallMethod(app_, "routes", nullptr);
-    if (list == nullptr) {
-      return absl::FailedPreconditionError(absl::StrCat("python.app '", app_spec_, "' is not a metronome.App: routes() failed:\n", FetchTraceback()));
-    }
-    PyObject* seq = PySequence_Fast(list, "app.routes() must return a list");
-    Py_DECREF(list);
-    if (seq == nullptr) return absl::FailedPreconditionError(FetchExceptionLine());
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
-      PyObject* t = PySequence_Fast_GET_ITEM(seq, i);
-      const char *method, *pattern;
-      PyObject *callable, *options_dict;
-      if (!PyArg_ParseTuple(t, "ssOO", &method, &pattern, &callable, &options_dict)) {
-        Py_DECREF(seq);
-        return absl::FailedPreconditionError(absl::StrCat("app.routes() entry ", i, ": ", FetchExceptionLine()));
-      }
-      http::RouteTarget target;
-      target.kind = http::RouteTarget::Kind::kPython;
-      target.pattern = pattern;
-      target.method = http::MethodFromName(method);
-      if (target.method == http::Method::kOther) {
-        Py_DECREF(seq);
-        return absl::FailedPreconditionError(absl::StrCat("route ", pattern, ": unknown method '", method, "'"));
-      }
-      target.handler = static_cast<int>(handlers_.size());
-      // Parameter names, in pattern order, for the vectorcall's keyword names.
-      std::vector<std::string> names;
-      for (size_t p = 0; (p = target.pattern.find('{', p)) != std::string::npos; ++p) {
-        size_t end = target.pattern.find_first_of(":}", p);
-        names.push_back(target.pattern.substr(p + 1, end - p - 1));
-      }
-      Handler h;
-      Py_INCREF(callable);
-      h.callable = callable;
-      if (!names.empty()) {
-        h.kwnames = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
-        for (size_t k = 0; k < names.size(); ++k) {
-          PyTuple_SET_ITEM(h.kwnames, static_cast<Py_ssize_t>(k), PyUnicode_InternFromString(names[k].c_str()));
-        }
-      }
-      auto stats = std::make_unique<RouteStats>();
-      stats->label = absl::StrCat(method, " ", pattern);
-      h.route_stats = static_cast<int>(route_stats_.size());
-      route_stats_.push_back(std::move(stats));
-      handlers_.push_back(h);
-      routes_->targets.push_back(std::move(target));
-      (void)options_dict;  // per-route budgets are read by the budget code
-    }
-    Py_DECREF(seq);
-    return CallHook(app_, "startup");
+    if (absl::Status s = LoadRoutes(); !s.ok()) return s;
+    if (absl::Status s = CallHook(app_, "startup"); !s.ok()) return s;
+    GlobalWatchdog().Start(watchdog_options_, GetHelpers().budget_exceeded);
+    watch_ = GlobalWatchdog().Register(true);
+    return absl::OkStatus();
   }();
   saved_ = PyEval_SaveThread();
   if (!result.ok()) return result;
-  LOG_INFO("python: %s loaded with %zu routes", app_spec_.c_str(), handlers_.size());
+  if (python_->lanes.size() > 1) {
+    routes_->dispatch = [p = python_](const http::RouteTarget& t) { return p->Dispatch(t); };
+  }
+  LOG_INFO("python: %s loaded with %zu routes; budgets: cpu %s, memory %s, hard %s%s; %zu python lane(s)",
+           app_spec_.c_str(), python_->handlers.size(), FormatDuration(python_->cpu_budget_ns).c_str(),
+           FormatSize(static_cast<uint64_t>(python_->memory_budget_bytes)).c_str(),
+           FormatDuration(watchdog_options_.hard_ns).c_str(),
+           watchdog_options_.rss_limit_bytes > 0
+               ? absl::StrCat(", rss_limit ", FormatSize(static_cast<uint64_t>(watchdog_options_.rss_limit_bytes))).c_str()
+               : "",
+           python_->lanes.size());
+  return absl::OkStatus();
+}
+
+// The app's routes into the shared route table, with their budgets (decorator options, then
+// python.routes overrides from the config).
+absl::Status PythonStage::LoadRoutes() {
+  PyObject* list = PyObject_CallMethod(app_, "routes", nullptr);
+  if (list == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("python.app '", app_spec_, "' is not a metronome.App: routes() failed:\n", FetchTraceback()));
+  }
+  PyObject* seq = PySequence_Fast(list, "app.routes() must return a list");
+  Py_DECREF(list);
+  if (seq == nullptr) return absl::FailedPreconditionError(FetchExceptionLine());
+  std::vector<bool> override_used(overrides_.size(), false);
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    PyObject* t = PySequence_Fast_GET_ITEM(seq, i);
+    const char *method, *pattern;
+    PyObject *callable, *options;
+    if (!PyArg_ParseTuple(t, "ssOO", &method, &pattern, &callable, &options)) {
+      Py_DECREF(seq);
+      return absl::FailedPreconditionError(absl::StrCat("app.routes() entry ", i, ": ", FetchExceptionLine()));
+    }
+    http::RouteTarget target;
+    target.kind = http::RouteTarget::Kind::kPython;
+    target.pattern = pattern;
+    target.method = http::MethodFromName(method);
+    if (target.method == http::Method::kOther) {
+      Py_DECREF(seq);
+      return absl::FailedPreconditionError(absl::StrCat("route ", pattern, ": unknown method '", method, "'"));
+    }
+    target.cpu_budget_ns = OptionNs(options, "cpu_budget");
+    target.memory_budget_bytes = static_cast<uint64_t>(OptionInt(options, "memory_budget"));
+    PyObject* heavy = PyDict_Check(options) ? PyDict_GetItemString(options, "heavy") : nullptr;
+    target.heavy = heavy != nullptr && PyObject_IsTrue(heavy) == 1;
+    for (size_t k = 0; k < overrides_.size(); ++k) {
+      const RouteOverride& ov = overrides_[k];
+      if (ov.path != target.pattern || (!ov.method.empty() && ov.method != method)) continue;
+      override_used[k] = true;
+      if (ov.cpu_ns > 0) target.cpu_budget_ns = ov.cpu_ns;
+      if (ov.memory_bytes > 0) target.memory_budget_bytes = static_cast<uint64_t>(ov.memory_bytes);
+      if (ov.heavy >= 0) target.heavy = ov.heavy == 1;
+    }
+    target.handler = static_cast<int>(python_->handlers.size());
+    PythonShared::Handler h;
+    Py_INCREF(callable);
+    h.callable = callable;
+    // Parameter names, in pattern order, for the vectorcall's keyword names.
+    std::vector<std::string> names;
+    for (size_t p = 0; (p = target.pattern.find('{', p)) != std::string::npos; ++p) {
+      size_t end = target.pattern.find_first_of(":}", p);
+      names.push_back(target.pattern.substr(p + 1, end - p - 1));
+    }
+    if (!names.empty()) {
+      h.kwnames = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+      for (size_t k = 0; k < names.size(); ++k) {
+        PyTuple_SET_ITEM(h.kwnames, static_cast<Py_ssize_t>(k), PyUnicode_InternFromString(names[k].c_str()));
+      }
+    }
+    h.stats = std::make_unique<RouteStats>();
+    h.stats->label = absl::StrCat(method, " ", pattern);
+    python_->handlers.push_back(std::move(h));
+    routes_->targets.push_back(std::move(target));
+  }
+  Py_DECREF(seq);
+  for (size_t k = 0; k < overrides_.size(); ++k) {
+    if (!override_used[k]) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "python.routes entry at line ", overrides_[k].line, ": no route of the app has path '",
+          overrides_[k].path, "'", overrides_[k].method.empty() ? "" : absl::StrCat(" and method ", overrides_[k].method)));
+    }
+  }
   return absl::OkStatus();
 }
 
 void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
+  PythonShared::Lane& lane = *python_->lanes[static_cast<size_t>(lane_)];
+  const bool dispatched = python_->lanes.size() > 1;
   PyEval_RestoreThread(saved_);
   for (Item* it : batch) {
     auto* r = static_cast<http::Request*>(it);
-    if (!r->responded) Handle(r);
+    if (!r->responded) {
+      if (GlobalWatchdog().rss_over_limit()) {
+        // The process is near its memory ceiling: shed instead of adding Python work.
+        rss_sheds_.Add();
+        python_->rss_sheds.Add();
+        LOG_RATE_LIMITED(LogLevel::kWarn, "shed %.*s with 503: process RSS above python.budget.rss_limit",
+                         static_cast<int>(r->head.target.size()), r->head.target.data());
+        r->resp.Reset();
+        r->resp.status = 503;
+        r->resp.budget = "rss";
+        r->resp.retry_after_s = http_config_.retry_after_s;
+        r->resp.content_type = kText;
+        r->resp.body = "server over its memory limit; retry later\n";
+        r->responded = true;
+      } else {
+        Handle(r);
+      }
+    }
     if (r->py_request != nullptr) {
       PyObject* obj = static_cast<PyObject*>(r->py_request);
       DetachRequest(obj);
       Py_DECREF(obj);
       r->py_request = nullptr;
     }
-    out.Emit(r);
+    if (dispatched) lane.backlog.fetch_sub(1, std::memory_order_relaxed);
+    out.EmitTo(serialize_, r);
   }
   saved_ = PyEval_SaveThread();
 }
 
 void PythonStage::Handle(http::Request* r) {
   const http::RouteTarget& target = routes_->targets[static_cast<size_t>(r->route)];
-  const Handler& h = handlers_[static_cast<size_t>(target.handler)];
-  RouteStats& stats = *route_stats_[static_cast<size_t>(h.route_stats)];
-  int64_t t0 = MonotonicNowNs();
+  PythonShared::Handler& h = python_->handlers[static_cast<size_t>(target.handler)];
+  RouteStats& stats = *h.stats;
   PyObject* req = static_cast<PyObject*>(r->py_request);
   if (req == nullptr) {
     req = NewRequest(r, shared_);
     if (req == nullptr) {
-      Fail(r, h, 500);
+      Fail(r, stats, 500);
       return;
     }
     r->py_request = req;
@@ -167,17 +330,44 @@ void PythonStage::Handle(http::Request* r) {
                                                    : DecodePercent(p.value.data(), p.value.size());
     if (v == nullptr) ok = false; else args[2 + n++] = v;
   }
+  const int64_t cpu_ns = target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns;
+  account_ = MemoryAccount{};
+  account_.cap = target.memory_budget_bytes > 0 ? static_cast<int64_t>(target.memory_budget_bytes) : python_->memory_budget_bytes;
+  const uint64_t seq = ++seq_;
+  PythonShared::Lane& lane = *python_->lanes[static_cast<size_t>(lane_)];
+  const int64_t t0 = MonotonicNowNs();
+  lane.busy_since_ns.store(t0, std::memory_order_relaxed);
+  GlobalWatchdog().Begin(watch_, seq, t0, cpu_ns, stats.label.c_str());
+  SetMemoryAccount(&account_);
   PyObject* result = ok ? PyObject_Vectorcall(h.callable, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
                                               n > 0 ? h.kwnames : nullptr)
                         : nullptr;
+  SetMemoryAccount(nullptr);
+  const bool cpu_fired = GlobalWatchdog().End(watch_);
+  const int64_t dt = MonotonicNowNs() - t0;
+  lane.busy_since_ns.store(0, std::memory_order_relaxed);
   for (int i = 0; i < n; ++i) Py_DECREF(args[2 + i]);
+  stats.calls.Add();
+  stats.handler_ns.Add(static_cast<uint64_t>(dt));
+  stats.handler_hist_ns.Record(static_cast<uint64_t>(dt));
   r->resp.Reset();
+  if (cpu_fired || account_.exceeded) {
+    // The server fails the request itself, whatever the handler made of the exception.
+    Py_XDECREF(result);
+    PyErr_Clear();
+    if (cpu_fired) {
+      BudgetFail(r, stats, "cpu", dt, cpu_ns);
+    } else {
+      BudgetFail(r, stats, "memory", account_.peak, account_.cap);
+      malloc_trim(0);  // give what the request touched back to the system
+    }
+    return;
+  }
   if (result == nullptr) {
     if (HttpErrorToResponse(&r->resp)) {
       http_errors_.Add();
     } else {
-      Fail(r, h, 500);
-      stats.calls.Add();
+      Fail(r, stats, 500);
       return;
     }
   } else {
@@ -185,31 +375,45 @@ void PythonStage::Handle(http::Request* r) {
     Py_DECREF(result);
     if (!converted) {
       bad_results_.Add();
-      Fail(r, h, 500);
-      stats.calls.Add();
+      Fail(r, stats, 500);
       return;
     }
   }
   if (r->plugins_seen != 0) CallOnResponse(r, req);
   r->responded = true;
-  int64_t dt = MonotonicNowNs() - t0;
-  stats.calls.Add();
-  stats.handler_ns.Add(static_cast<uint64_t>(dt));
-  stats.handler_hist_ns.Record(static_cast<uint64_t>(dt));
   if (r->resp.status >= 500) stats.errors.Add();
 }
 
+void PythonStage::BudgetFail(http::Request* r, RouteStats& stats, const char* kind, int64_t used, int64_t budget) {
+  const bool cpu = kind[0] == 'c';
+  (cpu ? cpu_kills_ : memory_kills_).Add();
+  (cpu ? stats.cpu_kills : stats.memory_kills).Add();
+  stats.errors.Add();
+  if (cpu) {
+    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its cpu budget (%s) after %.1fms: 503", stats.label.c_str(),
+                     FormatDuration(budget).c_str(), static_cast<double>(used) / 1e6);
+  } else {
+    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its memory budget (%s, reached %.1f MiB): 503",
+                     stats.label.c_str(), FormatSize(static_cast<uint64_t>(budget)).c_str(),
+                     static_cast<double>(used) / (1 << 20));
+  }
+  r->resp.status = 503;
+  r->resp.budget = cpu ? "cpu" : "memory";
+  r->resp.content_type = kText;
+  r->resp.body = cpu ? "request exceeded its cpu budget\n" : "request exceeded its memory budget\n";
+  r->responded = true;
+}
+
 // A 500 (the pending exception's traceback goes to the log, never to the client).
-void PythonStage::Fail(http::Request* r, const Handler& h, int status) {
+void PythonStage::Fail(http::Request* r, RouteStats& stats, int status) {
   exceptions_.Add();
-  RouteStats& stats = *route_stats_[static_cast<size_t>(h.route_stats)];
   stats.errors.Add();
   std::string tb = PyErr_Occurred() ? FetchTraceback() : "(no exception)";
   LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s failed with %d:\n%s", stats.label.c_str(),
                    static_cast<int>(r->head.target.size()), r->head.target.data(), status, tb.c_str());
   r->resp.Reset();
   r->resp.status = status;
-  r->resp.content_type = "text/plain; charset=utf-8";
+  r->resp.content_type = kText;
   r->resp.body = kInternalError;
   r->responded = true;
 }
@@ -229,32 +433,31 @@ void PythonStage::CallOnResponse(http::Request* r, PyObject* req_obj) {
                        python_->plugin_names[static_cast<size_t>(i)].c_str(), FetchTraceback().c_str());
       continue;
     }
-    if (ret != Py_None && GetHelpers().response != nullptr &&
-        PyObject_TypeCheck(ret, reinterpret_cast<PyTypeObject*>(GetHelpers().response))) {
+    if (ret != Py_None && PyObject_TypeCheck(ret, reinterpret_cast<PyTypeObject*>(GetHelpers().response))) {
       Py_SETREF(resp, ret);  // the plugin replaced the response
     } else {
       Py_DECREF(ret);
     }
   }
-  http::Response converted;
-  if (ResultToResponse(resp, &converted)) {
-    r->resp = std::move(converted);
-    // body pointed into converted.body_storage, which moved: point it at the new storage.
-    if (!r->resp.chunked && !r->resp.body_storage.empty()) r->resp.body = r->resp.body_storage;
-    if (!r->resp.content_type_storage.empty()) r->resp.content_type = r->resp.content_type_storage;
-  } else {
+  r->resp.Reset();
+  if (!ResultToResponse(resp, &r->resp)) {
     LOG_RATE_LIMITED(LogLevel::kError, "on_response left an invalid response: %s", FetchExceptionLine().c_str());
+    r->resp.Reset();
+    r->resp.status = 500;
+    r->resp.content_type = kText;
+    r->resp.body = kInternalError;
   }
   Py_DECREF(resp);
 }
 
 void PythonStage::Shutdown() {
-  if (!Initialized()) return;
+  if (!main_ || !Initialized()) return;
   PyEval_RestoreThread(saved_);
+  GlobalWatchdog().Stop();
   if (app_ != nullptr) {
     if (absl::Status s = CallHook(app_, "shutdown"); !s.ok()) LOG_ERROR("%s", std::string(s.message()).c_str());
   }
-  for (Handler& h : handlers_) {
+  for (PythonShared::Handler& h : python_->handlers) {
     Py_CLEAR(h.callable);
     Py_CLEAR(h.kwnames);
   }
@@ -267,6 +470,16 @@ void PythonStage::ExtraStats(const std::function<void(absl::string_view, double)
   emit("handler_exceptions_total", static_cast<double>(exceptions_.Get()));
   emit("http_errors_total", static_cast<double>(http_errors_.Get()));
   emit("bad_results_total", static_cast<double>(bad_results_.Get()));
+  emit("budget_cpu_kills_total", static_cast<double>(cpu_kills_.Get()));
+  emit("budget_memory_kills_total", static_cast<double>(memory_kills_.Get()));
+  emit("budget_rss_sheds_total", static_cast<double>(rss_sheds_.Get()));
+  if (main_) {
+    const Watchdog& w = GlobalWatchdog();
+    emit("budget_stuck_handlers_total", static_cast<double>(w.stuck_handlers.Get()));
+    emit("budget_late_interrupts_total", static_cast<double>(w.late_interrupts.Get()));
+    emit("process_rss_bytes", static_cast<double>(ReadRssBytes()));
+    emit("python_heap_bytes", static_cast<double>(WrappedLiveBytes()));
+  }
 }
 
 METRONOME_REGISTER_STAGE("python", PythonStage);

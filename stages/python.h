@@ -1,9 +1,11 @@
 // python: runs the application's handlers in the embedded interpreter (see python.cc).
-// Thread-safety: runs on the process's main thread only; holds the GIL only inside a batch.
+// Thread-safety: each instance runs on its own lane; the first on the process's main thread.
+// An instance holds the GIL only inside a batch.
 #pragma once
 
 #include <Python.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -11,16 +13,51 @@
 #include "runtime/stage.h"
 #include "stages/http/router.h"
 #include "stages/http/shared.h"
+#include "stages/py/budget.h"
 
 namespace metronome::py {
 
-// What the Python stages share (StageEnv::Shared<PythonShared>("python")): the plugins, in
-// pipeline order, whose on_response the python stage calls after the handler.
-// Filled during Start (single-threaded), read during the run.
+// Per-route figures, shared by every python lane (each field has one writer at a time: the
+// lane running the route's handler; concurrent lanes may race on a count, which costs a count,
+// never a crash).
+struct RouteStats {
+  std::string label;  // "GET /users/{id:int}"
+  Counter calls, errors, handler_ns, cpu_kills, memory_kills;
+  LatencyHistogram handler_hist_ns;
+};
+
+// What the Python stages share (StageEnv::Shared<PythonShared>("python")). Filled during
+// Configure and Start (single-threaded), read during the run.
 struct PythonShared {
-  std::vector<PyObject*> plugins;       // instances (strong references)
+  // Stage plugins in pipeline order; the python stages call on_response after the handler.
+  std::vector<PyObject*> plugins;
   std::vector<std::string> plugin_names;
   bool interpreter_ready = false;
+
+  // The handlers, filled by the main python stage from the app.
+  struct Handler {
+    PyObject* callable = nullptr;
+    PyObject* kwnames = nullptr;  // tuple of the route's parameter names, or nullptr
+    std::unique_ptr<RouteStats> stats;
+  };
+  std::vector<Handler> handlers;
+
+  // The python lanes (one per python stage instance), in pipeline order.
+  enum class Serves : uint8_t { kAll, kLight, kHeavy };
+  struct Lane {
+    int stage_index = -1;
+    Serves serves = Serves::kAll;
+    std::atomic<int64_t> busy_since_ns{0};  // the running handler's start, 0 when idle
+    std::atomic<int32_t> backlog{0};        // dispatched and not yet done
+  };
+  std::vector<std::unique_ptr<Lane>> lanes;
+  // Picks the lane for a request of this route (see python.cc).
+  int Dispatch(const http::RouteTarget& target) const;
+
+  // Defaults (python.budget); a route's own budgets override them.
+  int64_t cpu_budget_ns = 0;
+  int64_t memory_budget_bytes = 0;
+  Counter rss_sheds;
 };
 
 class PythonStage : public Stage {
@@ -29,37 +66,44 @@ class PythonStage : public Stage {
   absl::Status Start(StageEnv& env) override;
   void Process(std::span<Item* const> batch, Outbox& out) override;
   void Shutdown() override;
-  bool NeedsMainThread() const override { return true; }
+  bool NeedsMainThread() const override { return main_; }
   void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const override;
 
-  struct RouteStats {
-    std::string label;  // "GET /users/{id:int}"
-    Counter calls, errors, handler_ns;
-    LatencyHistogram handler_hist_ns;
-  };
-  const std::vector<std::unique_ptr<RouteStats>>& route_stats() const { return route_stats_; }
+  const PythonShared& shared() const { return *python_; }
 
  private:
-  struct Handler {
-    PyObject* callable = nullptr;
-    PyObject* kwnames = nullptr;  // tuple of the route's parameter names, or nullptr
-    int route_stats = -1;
-  };
+  absl::Status StartMain();
+  absl::Status LoadRoutes();
   void Handle(http::Request* r);
   void CallOnResponse(http::Request* r, PyObject* req_obj);
-  void Fail(http::Request* r, const Handler& h, int status);
+  void Fail(http::Request* r, RouteStats& stats, int status);
+  void BudgetFail(http::Request* r, RouteStats& stats, const char* kind, int64_t used, int64_t budget);
 
+  struct RouteOverride {
+    std::string path, method;
+    int64_t cpu_ns = 0, memory_bytes = 0;
+    int heavy = -1;  // -1: unchanged
+    int line = 0;
+  };
+
+  bool main_ = false;
+  int lane_ = -1;          // index in PythonShared::lanes
+  int watch_ = -1;         // index in the watchdog
+  int serialize_ = -1;
   std::string app_spec_;
   std::vector<std::string> path_;
+  int64_t switch_interval_ns_ = 0;
+  Watchdog::Options watchdog_options_;
+  std::vector<RouteOverride> overrides_;
   http::HttpConfig http_config_;
   http::HttpShared* shared_ = nullptr;
   http::RouteTable* routes_ = nullptr;
   PythonShared* python_ = nullptr;
   PyObject* app_ = nullptr;
-  std::vector<Handler> handlers_;
-  std::vector<std::unique_ptr<RouteStats>> route_stats_;
-  PyThreadState* saved_ = nullptr;  // the main thread's state while the GIL is released
-  Counter exceptions_, http_errors_, bad_results_;
+  PyThreadState* saved_ = nullptr;  // this thread's state while the GIL is released
+  uint64_t seq_ = 0;                // requests started on this lane (budget interrupts carry it)
+  MemoryAccount account_;
+  Counter exceptions_, http_errors_, bad_results_, cpu_kills_, memory_kills_, rss_sheds_;
 };
 
 }  // namespace metronome::py

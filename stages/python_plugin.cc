@@ -74,6 +74,8 @@ absl::Status PythonPluginStage::Configure(ConfigNode entry, ConfigNode root, Sta
   shared_ = &http::GetHttpShared(env, root, &http_config_);
   python_ = &env.Shared<PythonShared>("python");
   serialize_ = env.FindStageOfType("serialize");
+  routes_ = &env.Shared<http::RouteTable>("routes");
+  last_ = env.FindStageOfType("python-plugin") < 0;
   int python_stage = env.FindStageOfType("python");
   if (python_stage < 0) return absl::InvalidArgumentError("a python-plugin needs a python stage after it");
   if (serialize_ < 0) return absl::InvalidArgumentError("a python-plugin needs a serialize stage after it");
@@ -152,7 +154,11 @@ void PythonPluginStage::Process(std::span<Item* const> batch, Outbox& out) {
       Py_DECREF(result);
       r->plugins_seen |= 1u << index_;
       passed_.Add();
-      out.Emit(r);
+      if (last_ && routes_->dispatch) {
+        out.EmitTo(routes_->dispatch(routes_->targets[static_cast<size_t>(r->route)]), r);
+      } else {
+        out.Emit(r);
+      }
       continue;
     }
     r->resp.Reset();

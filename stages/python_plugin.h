@@ -36,6 +36,8 @@ class PythonPluginStage : public Stage {
   PyObject* on_request_ = nullptr;
   int index_ = -1;
   int serialize_ = -1;
+  bool last_ = false;  // the last plugin dispatches to a python lane
+  http::RouteTable* routes_ = nullptr;
   PyThreadState* saved_ = nullptr;
   Counter answered_, passed_, errors_;
   Counter gil_wait_ns_;  // time spent waiting to take the GIL (the price of a plugin thread)

@@ -21,6 +21,8 @@ absl::Status RouteStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& 
   serialize_ = env.FindStageOfType("serialize");
   if (serialize_ < 0) return absl::InvalidArgumentError("route needs a serialize stage after it");
   if (serialize_ > env.stage_index() + 1) next_ = env.stage_index() + 1;
+  // Dispatch to a python lane here unless a plugin comes first (the last plugin does it then).
+  dispatch_here_ = env.FindStageOfType("python-plugin") < 0;
   for (ConfigNode r : root.Seq("routes")) {
     RouteTarget t;
     t.pattern = r.String("path", std::nullopt);
@@ -109,7 +111,9 @@ void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
       Answer(r, 503, "server busy; retry later\n", out);
       continue;
     }
-    out.Emit(r);
+    // Past plugins the next stage is the first python lane; with several lanes the python
+    // stage's dispatcher picks one (a plugin in between dispatches instead).
+    out.EmitTo(dispatch_here_ && table_->dispatch ? table_->dispatch(t) : next_, r);
   }
 }
 

@@ -24,6 +24,7 @@ class RouteStage : public Stage {
   Router router_;
   int serialize_ = -1;
   int next_ = -1;  // the stage after route (python or a plugin), when there is one
+  bool dispatch_here_ = true;
   Counter found_, not_found_, not_allowed_, not_implemented_, shed_;
 };
 

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <array>
+#include <functional>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -76,6 +77,9 @@ struct RouteTarget {
 
 struct RouteTable {
   std::vector<RouteTarget> targets;
+  // Where a Python route's request goes: set by the python stage when there is more than one
+  // python lane (it picks a lane per request); -1 or unset means "the next stage".
+  std::function<int(const RouteTarget&)> dispatch;
 };
 
 const char* MethodName(Method m);

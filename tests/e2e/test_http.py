@@ -8,7 +8,7 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Reader, Server, config, exchange, request
+from harness import Reader, Server, config, exchange, request  # noqa: E402
 
 
 def still_open(reader, seconds):
@@ -18,6 +18,7 @@ def still_open(reader, seconds):
     closed = reader.closed(timeout=seconds)
     reader.sock.settimeout(10)
     return not closed and len(reader.buf) == before
+
 
 DATE_RE = re.compile(
     r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
@@ -158,6 +159,19 @@ class HttpTest(unittest.TestCase):
         s.sendall(b"01234")
         s.sendall(b"56789")
         self.assertOk(r.read_response(), b"put")
+
+    def test_large_bodies_then_pipelined_request(self):
+        # Bodies across many receive buffers, exactly at the default max_body_bytes (1 MiB).
+        s, r = self.connect()
+        s.sendall(request("POST", "/echo", body=b"z" * (1 << 20)) + request("GET", "/json"))
+        self.assertOk(r.read_response(), b"posted")
+        self.assertOk(r.read_response(), JSON)
+        chunks = b"".join(b"%x\r\n" % 1000 + b"c" * 1000 + b"\r\n" for _ in range(1000))
+        s.sendall(request("PUT", "/echo", headers={"Transfer-Encoding": "chunked"}) + chunks + b"0\r\n\r\n" +
+                  request("GET", "/plaintext"))
+        self.assertOk(r.read_response(), b"put")
+        self.assertOk(r.read_response(), HELLO)
+        self.assertEqual(r.buf, b"")
 
     def test_chunked_body_with_extensions_and_trailers(self):
         s, r = self.connect()

@@ -355,5 +355,66 @@ class LimitsTest(unittest.TestCase):
             self.assertServes()
 
 
+class DefaultLimitsTest(unittest.TestCase):
+    """The default limits (16 KiB head, 100 fields), with heads larger than one 8 KiB receive
+    buffer: the head is assembled across reads."""
+
+    HEAD_MAX = 16 * 1024
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server(config())
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.__exit__(None, None, None)
+
+    def head_of(self, total):
+        """A head of exactly `total` bytes, with fields of up to 1000 bytes."""
+        start = b"GET /plaintext HTTP/1.1\r\nHost: localhost\r\n"
+        left = total - len(start) - 2
+        fields = []
+        while left > 0:
+            n = min(left, 1000)
+            if n < 6:
+                fields[-1] = fields[-1][:-2] + b"v" * n + b"\r\n"
+                break
+            fields.append(b"X: " + b"v" * (n - 5) + b"\r\n")
+            left -= n
+        head = start + b"".join(fields) + b"\r\n"
+        assert len(head) == total
+        return head
+
+    def test_heads_across_receive_buffers(self):
+        for total in (8191, 8192, 8193, 12000, self.HEAD_MAX):
+            with self.subTest(total=total), self.server.connect() as s:
+                r = Reader(s)
+                s.sendall(self.head_of(total) + request("GET", "/json"))
+                self.assertEqual((r.read_response().status, r.read_response().status), (200, 200))
+
+    def test_head_in_pieces_at_limit(self):
+        with self.server.connect() as s:
+            head = self.head_of(self.HEAD_MAX)
+            for i in range(0, len(head), 1000):
+                s.sendall(head[i:i + 1000])
+            resp = Reader(s).read_response()
+            self.assertEqual((resp.status, resp.body), (200, HELLO))
+
+    def test_head_one_past_default_limit(self):
+        with self.server.connect() as s:
+            r = Reader(s)
+            s.sendall(self.head_of(self.HEAD_MAX + 1) + request("GET", "/json"))
+            self.assertEqual(r.read_response().status, 431)
+            self.assertTrue(r.closed())
+            self.assertEqual(r.buf, b"")
+
+    def test_default_header_count(self):
+        fields = "".join(f"X-{i}: v\r\n" for i in range(99)).encode()
+        resp = exchange(self.server, b"GET /plaintext HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
+        self.assertEqual(resp.status, 200)
+        resp = exchange(self.server, b"GET /plaintext HTTP/1.1\r\nHost: x\r\nX-100: v\r\n" + fields + b"\r\n")
+        self.assertEqual(resp.status, 431)
+
+
 if __name__ == "__main__":
     unittest.main()
