@@ -101,7 +101,7 @@ int Serve(const Args& args) {
               static_cast<unsigned long long>(pipeline->items_abandoned()));
     return 1;
   }
-  LOG_INFO("stopped cleanly");
+  LOG_INFO("stopped cleanly; totals:\n%s", pipeline->StatsSummary().c_str());
   return 0;
 }
 

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -119,6 +120,7 @@ class Lane {
   absl::Status Setup() {
     std::string name = spec_.name;
     pthread_setname_np(pthread_self(), name.c_str());
+    tid_.store(static_cast<int>(gettid()), std::memory_order_release);
     t_lane_stats = &stats_;
     if (!waker_.ok()) return absl::InternalError(absl::StrCat("eventfd: ", std::strerror(errno)));
     if (spec_.needs_ring) {
@@ -235,6 +237,7 @@ class Lane {
   }
 
   bool done() const { return done_.load(std::memory_order_acquire); }
+  int tid() const { return tid_.load(std::memory_order_acquire); }
   Waker& waker() { return waker_; }
   LaneStats& stats() { return stats_; }
   LaneRunInfo& info() { return info_; }
@@ -473,6 +476,7 @@ class Lane {
   std::unique_ptr<BoundedQueue::ConsumerToken> consumer_;
   Outbox out_;
   std::atomic<bool> done_{false};
+  std::atomic<int> tid_{0};
   alignas(64) std::atomic<uint64_t> stalled_producers_{0};
 };
 
@@ -710,6 +714,30 @@ std::string Pipeline::Describe() const {
   return out;
 }
 
+std::string Pipeline::StatsSummary() const {
+  std::string out = absl::StrFormat("  %-14s %12s %10s %7s %9s %9s %9s\n", "stage", "items", "batches",
+                                    "batch", "busy s", "p50 us", "p99 us");
+  for (int i = 0; i < num_stages(); ++i) {
+    const StageStats& s = stages_[i]->stats();
+    auto h = s.service_ns.Read();
+    uint64_t items = s.items_in.Get(), batches = s.batches.Get();
+    absl::StrAppendFormat(&out, "  %-14s %12llu %10llu %7.1f %9.3f %9.2f %9.2f\n", stage_specs_[i].name,
+                          static_cast<unsigned long long>(items), static_cast<unsigned long long>(batches),
+                          batches ? static_cast<double>(items) / static_cast<double>(batches) : 0.0,
+                          static_cast<double>(s.busy_ns.Get()) / 1e9, h.QuantileNs(0.5) / 1e3, h.QuantileNs(0.99) / 1e3);
+  }
+  absl::StrAppendFormat(&out, "  %-14s %12s %10s %9s %9s %9s %9s\n", "thread", "loops", "sleeps", "yields",
+                        "overruns", "stalls", "hop p99us");
+  for (int l = 0; l < static_cast<int>(lanes_.size()); ++l) {
+    const LaneStats& s = lanes_[l]->stats();
+    absl::StrAppendFormat(&out, "  %-14s %12llu %10llu %9llu %9llu %9llu %9.1f\n", lane_specs_[l].name,
+                          static_cast<unsigned long long>(s.loops.Get()), static_cast<unsigned long long>(s.sleeps.Get()),
+                          static_cast<unsigned long long>(s.yields.Get()), static_cast<unsigned long long>(s.overruns.Get()),
+                          static_cast<unsigned long long>(s.stalls.Get()), s.handoff_ns.Read().QuantileNs(0.99) / 1e3);
+  }
+  return out;
+}
+
 void Pipeline::RequestStop() {
   int64_t expected = 0;
   stop_time_ns_.compare_exchange_strong(expected, MonotonicNowNs());
@@ -726,6 +754,7 @@ bool Pipeline::WaitUntilRunning() {
 const LaneStats& Pipeline::lane_stats(int lane) const { return lanes_[lane]->stats(); }
 const LaneRunInfo& Pipeline::lane_run_info(int lane) const { return lanes_[lane]->info(); }
 size_t Pipeline::queue_depth(int lane) const { return lanes_[lane]->input().Depth(); }
+int Pipeline::lane_tid(int lane) const { return lanes_[lane]->tid(); }
 uint64_t Pipeline::queue_full_events(int lane) const { return lanes_[lane]->input().full_events(); }
 
 void Pipeline::ReportSetup(int lane, absl::Status status) {

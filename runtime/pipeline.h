@@ -94,6 +94,10 @@ class Pipeline {
   // The resolved pipeline as a table, with the deadline bandwidth against the admission limit.
   std::string Describe() const;
 
+  // Per stage: items, batches, mean batch, busy time, service p50/p99; per thread: sleeps,
+  // yields, overruns, stalls. For the log at shutdown and for tools.
+  std::string StatsSummary() const;
+
   // Starts every lane, runs until RequestStop and the drain finish, joins, shuts stages down.
   absl::Status Run();
   // Async-signal-safe. Begins the drain: sources stop taking work, in-flight work finishes.
@@ -114,6 +118,8 @@ class Pipeline {
   const LaneStats& lane_stats(int lane) const;
   const LaneRunInfo& lane_run_info(int lane) const;
   size_t queue_depth(int lane) const;
+  // The lane's kernel thread id (for /proc/self/task/TID), 0 before it started.
+  int lane_tid(int lane) const;
   uint64_t queue_full_events(int lane) const;
   double deadline_bandwidth() const { return bandwidth_; }
   const AdmissionLimit& admission() const { return admission_; }

@@ -40,6 +40,21 @@ namespace metronome {
 
 class Outbox;
 class Ring;
+
+// Receives a stage's own figures. Names are snake_case with their unit last
+// ("requests_total", "busy_seconds"); /metrics prefixes them with metronome_<stage type>_ and
+// adds a stage label. Called from the admin thread: a stage reads only its atomics here.
+class StatsSink {
+ public:
+  virtual ~StatsSink() = default;
+  virtual void Value(absl::string_view name, double value) = 0;
+  // One labeled series, e.g. ("handler_seconds_total", "route", "GET /json", 1.5).
+  virtual void Labeled(absl::string_view name, absl::string_view label, absl::string_view label_value,
+                       double value) = 0;
+  // A latency histogram (runtime/stats.h buckets), optionally labeled.
+  virtual void Histogram(absl::string_view name, const LatencyHistogram& h, absl::string_view label = {},
+                         absl::string_view label_value = {}) = 0;
+};
 class Waker;
 class Pipeline;
 
@@ -130,10 +145,8 @@ class Stage {
   virtual bool NeedsMainThread() const { return false; }
   // A sink emits nothing; its lane keeps serving it while downstream queues are full.
   virtual bool IsSink() const { return false; }
-  // Extra per-stage figures for /stats and /metrics: name -> value.
-  virtual void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
-    (void)emit;
-  }
+  // Extra per-stage figures for /stats and /metrics (see StatsSink).
+  virtual void ExtraStats(StatsSink& sink) const { (void)sink; }
 
   StageStats& stats() { return stats_; }
   const StageStats& stats() const { return stats_; }

@@ -339,15 +339,15 @@ void AcceptStage::Shutdown() {
   ring_mem_ = nullptr;
 }
 
-void AcceptStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
-  emit("connections_open", static_cast<double>(shared_ != nullptr && shared_->ready() ? shared_->conns.open() : 0));
-  emit("connections_accepted_total", static_cast<double>(shared_ != nullptr && shared_->ready() ? shared_->conns.accepted_total() : 0));
-  emit("connections_rejected_total", static_cast<double>(rejected_.Get()));
-  emit("accept_errors_total", static_cast<double>(accept_errors_.Get()));
-  emit("recv_bytes_total", static_cast<double>(bytes_in_.Get()));
-  emit("recv_enobufs_total", static_cast<double>(enobufs_.Get()));
-  emit("recv_rearms_total", static_cast<double>(rearms_.Get()));
-  emit("recv_buffers_in_use", static_cast<double>(shared_ != nullptr ? shared_->buffers_out.load() : 0));
+void AcceptStage::ExtraStats(StatsSink& sink) const {
+  sink.Value("connections_open", static_cast<double>(shared_ != nullptr && shared_->ready() ? shared_->conns.open() : 0));
+  sink.Value("connections_accepted_total", static_cast<double>(shared_ != nullptr && shared_->ready() ? shared_->conns.accepted_total() : 0));
+  sink.Value("connections_rejected_total", static_cast<double>(rejected_.Get()));
+  sink.Value("accept_errors_total", static_cast<double>(accept_errors_.Get()));
+  sink.Value("recv_bytes_total", static_cast<double>(bytes_in_.Get()));
+  sink.Value("recv_enobufs_total", static_cast<double>(enobufs_.Get()));
+  sink.Value("recv_rearms_total", static_cast<double>(rearms_.Get()));
+  sink.Value("recv_buffers_in_use", static_cast<double>(shared_ != nullptr ? shared_->buffers_out.load() : 0));
 }
 
 METRONOME_REGISTER_STAGE("accept", AcceptStage);

@@ -30,7 +30,7 @@ class AcceptStage : public Stage {
   bool Idle() const override;
   void Shutdown() override;
   bool NeedsRing() const override { return true; }
-  void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const override;
+  void ExtraStats(StatsSink& sink) const override;
 
   const std::string& bound_address() const { return bound_address_; }
 

@@ -222,8 +222,10 @@ void ParseStage::Step(Conn* c, RecvChunk* ch, Outbox& out) {
     }
   } else {
     size_t before = c->carry.size();
-    // Append no more than can still belong to a head; the rest stays in the chunk.
-    size_t take = std::min(len, config_.limits.max_header_bytes + 4 > before ? config_.limits.max_header_bytes + 4 - before : 0);
+    // Append no more than can still belong to a head (the limit, plus the empty lines the
+    // parser skips before a request line and does not count); the rest stays in the chunk.
+    const size_t carry_max = config_.limits.max_header_bytes + 2 * kLeadingEmptyLinesMax + 1;
+    size_t take = std::min(len, carry_max > before ? carry_max - before : 0);
     c->carry.append(data, take);
     base = c->carry.data();
     st = ParseRequestHead(base, c->carry.size(), c->carry_scanned, config_.limits, &head, &consumed, &err);
@@ -442,17 +444,17 @@ void ParseStage::Expire(Conn* c, TimerKind kind, Outbox& out) {
   }
 }
 
-void ParseStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
-  emit("requests_total", static_cast<double>(requests_.Get()));
-  emit("rejected_total", static_cast<double>(rejected_.Get()));
-  emit("abandoned_total", static_cast<double>(abandoned_.Get()));
-  emit("blocked_total", static_cast<double>(blocked_total_.Get()));
-  emit("timeouts_first_request_total", static_cast<double>(timeouts_fired_[kTimerFirst].Get()));
-  emit("timeouts_keepalive_total", static_cast<double>(timeouts_fired_[kTimerIdle].Get()));
-  emit("timeouts_header_total", static_cast<double>(timeouts_fired_[kTimerHead].Get()));
-  emit("timeouts_body_total", static_cast<double>(timeouts_fired_[kTimerBody].Get()));
-  emit("timeouts_linger_total", static_cast<double>(timeouts_fired_[kTimerLinger].Get()));
-  emit("requests_in_use", static_cast<double>(shared_ != nullptr && shared_->ready() ? shared_->requests.in_use() : 0));
+void ParseStage::ExtraStats(StatsSink& sink) const {
+  sink.Value("requests_total", static_cast<double>(requests_.Get()));
+  sink.Value("rejected_total", static_cast<double>(rejected_.Get()));
+  sink.Value("abandoned_total", static_cast<double>(abandoned_.Get()));
+  sink.Value("blocked_total", static_cast<double>(blocked_total_.Get()));
+  sink.Value("timeouts_first_request_total", static_cast<double>(timeouts_fired_[kTimerFirst].Get()));
+  sink.Value("timeouts_keepalive_total", static_cast<double>(timeouts_fired_[kTimerIdle].Get()));
+  sink.Value("timeouts_header_total", static_cast<double>(timeouts_fired_[kTimerHead].Get()));
+  sink.Value("timeouts_body_total", static_cast<double>(timeouts_fired_[kTimerBody].Get()));
+  sink.Value("timeouts_linger_total", static_cast<double>(timeouts_fired_[kTimerLinger].Get()));
+  sink.Value("requests_in_use", static_cast<double>(shared_ != nullptr && shared_->ready() ? shared_->requests.in_use() : 0));
 }
 
 void ParseStage::Shutdown() {

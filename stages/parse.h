@@ -19,7 +19,7 @@ class ParseStage : public Stage {
   bool Poll(Outbox& out) override;
   int64_t Tick(int64_t now_ns, Outbox& out) override;
   void Shutdown() override;
-  void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const override;
+  void ExtraStats(StatsSink& sink) const override;
 
  private:
   enum class Phase : uint8_t { kIdle, kHead, kBody, kDiscard };

@@ -466,19 +466,29 @@ void PythonStage::Shutdown() {
   Finalize();
 }
 
-void PythonStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
-  emit("handler_exceptions_total", static_cast<double>(exceptions_.Get()));
-  emit("http_errors_total", static_cast<double>(http_errors_.Get()));
-  emit("bad_results_total", static_cast<double>(bad_results_.Get()));
-  emit("budget_cpu_kills_total", static_cast<double>(cpu_kills_.Get()));
-  emit("budget_memory_kills_total", static_cast<double>(memory_kills_.Get()));
-  emit("budget_rss_sheds_total", static_cast<double>(rss_sheds_.Get()));
+void PythonStage::ExtraStats(StatsSink& sink) const {
+  sink.Value("handler_exceptions_total", static_cast<double>(exceptions_.Get()));
+  sink.Value("http_errors_total", static_cast<double>(http_errors_.Get()));
+  sink.Value("bad_results_total", static_cast<double>(bad_results_.Get()));
+  sink.Value("budget_cpu_kills_total", static_cast<double>(cpu_kills_.Get()));
+  sink.Value("budget_memory_kills_total", static_cast<double>(memory_kills_.Get()));
+  sink.Value("budget_rss_sheds_total", static_cast<double>(rss_sheds_.Get()));
   if (main_) {
+    // Per route (every lane shares these; the main lane reports them once).
+    for (const PythonShared::Handler& h : python_->handlers) {
+      const RouteStats& r = *h.stats;
+      sink.Labeled("handler_calls_total", "route", r.label, static_cast<double>(r.calls.Get()));
+      sink.Labeled("handler_errors_total", "route", r.label, static_cast<double>(r.errors.Get()));
+      sink.Labeled("handler_seconds_total", "route", r.label, static_cast<double>(r.handler_ns.Get()) / 1e9);
+      sink.Labeled("budget_cpu_kills_by_route_total", "route", r.label, static_cast<double>(r.cpu_kills.Get()));
+      sink.Labeled("budget_memory_kills_by_route_total", "route", r.label, static_cast<double>(r.memory_kills.Get()));
+      sink.Histogram("handler_seconds", r.handler_hist_ns, "route", r.label);
+    }
     const Watchdog& w = GlobalWatchdog();
-    emit("budget_stuck_handlers_total", static_cast<double>(w.stuck_handlers.Get()));
-    emit("budget_late_interrupts_total", static_cast<double>(w.late_interrupts.Get()));
-    emit("process_rss_bytes", static_cast<double>(ReadRssBytes()));
-    emit("python_heap_bytes", static_cast<double>(WrappedLiveBytes()));
+    sink.Value("budget_stuck_handlers_total", static_cast<double>(w.stuck_handlers.Get()));
+    sink.Value("budget_late_interrupts_total", static_cast<double>(w.late_interrupts.Get()));
+    sink.Value("process_rss_bytes", static_cast<double>(ReadRssBytes()));
+    sink.Value("python_heap_bytes", static_cast<double>(WrappedLiveBytes()));
   }
 }
 

@@ -67,7 +67,7 @@ class PythonStage : public Stage {
   void Process(std::span<Item* const> batch, Outbox& out) override;
   void Shutdown() override;
   bool NeedsMainThread() const override { return main_; }
-  void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const override;
+  void ExtraStats(StatsSink& sink) const override;
 
   const PythonShared& shared() const { return *python_; }
 

@@ -190,11 +190,11 @@ void PythonPluginStage::Process(std::span<Item* const> batch, Outbox& out) {
   saved_ = PyEval_SaveThread();
 }
 
-void PythonPluginStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
-  emit("answered_total", static_cast<double>(answered_.Get()));
-  emit("passed_total", static_cast<double>(passed_.Get()));
-  emit("errors_total", static_cast<double>(errors_.Get()));
-  emit("gil_wait_seconds_total", static_cast<double>(gil_wait_ns_.Get()) / 1e9);
+void PythonPluginStage::ExtraStats(StatsSink& sink) const {
+  sink.Value("answered_total", static_cast<double>(answered_.Get()));
+  sink.Value("passed_total", static_cast<double>(passed_.Get()));
+  sink.Value("errors_total", static_cast<double>(errors_.Get()));
+  sink.Value("gil_wait_seconds_total", static_cast<double>(gil_wait_ns_.Get()) / 1e9);
 }
 
 METRONOME_REGISTER_STAGE("python-plugin", PythonPluginStage);

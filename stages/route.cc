@@ -117,12 +117,12 @@ void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
   }
 }
 
-void RouteStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
-  emit("routed_total", static_cast<double>(found_.Get()));
-  emit("not_found_total", static_cast<double>(not_found_.Get()));
-  emit("method_not_allowed_total", static_cast<double>(not_allowed_.Get()));
-  emit("not_implemented_total", static_cast<double>(not_implemented_.Get()));
-  emit("shed_total", static_cast<double>(shed_.Get()));
+void RouteStage::ExtraStats(StatsSink& sink) const {
+  sink.Value("routed_total", static_cast<double>(found_.Get()));
+  sink.Value("not_found_total", static_cast<double>(not_found_.Get()));
+  sink.Value("method_not_allowed_total", static_cast<double>(not_allowed_.Get()));
+  sink.Value("not_implemented_total", static_cast<double>(not_implemented_.Get()));
+  sink.Value("shed_total", static_cast<double>(shed_.Get()));
 }
 
 METRONOME_REGISTER_STAGE("route", RouteStage);

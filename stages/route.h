@@ -13,7 +13,7 @@ class RouteStage : public Stage {
   absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
   absl::Status Start(StageEnv& env) override;
   void Process(std::span<Item* const> batch, Outbox& out) override;
-  void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const override;
+  void ExtraStats(StatsSink& sink) const override;
 
  private:
   void Answer(Request* r, int status, absl::string_view body, Outbox& out);

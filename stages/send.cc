@@ -17,6 +17,7 @@
 
 #include "runtime/log.h"
 #include "runtime/outbox.h"
+#include "runtime/pipeline.h"
 #include "runtime/registry.h"
 #include "runtime/uring.h"
 
@@ -179,10 +180,12 @@ void SendStage::OnWritten(Conn* c, int res) {
     return;
   }
   bool close = false;
+  const int64_t now = MonotonicNowNs();
   for (int k = 0; k < c->batch; ++k) {
     Request* r = c->waiting;
     c->waiting = r->next_out;
     close = r->resp.close;
+    if (r->head_done_ns != 0) latency_ns_.Record(static_cast<uint64_t>(std::max<int64_t>(0, now - r->head_done_ns)));
     Retire(c, r, true);
     ++c->next_seq;
   }
@@ -236,17 +239,18 @@ void SendStage::MaybeEnd(Conn* c) {
 
 bool SendStage::Idle() const { return shared_ == nullptr || !shared_->ready() || shared_->conns.open() == 0; }
 
-void SendStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
+void SendStage::ExtraStats(StatsSink& sink) const {
   static const char* kClass[] = {"responses_other_total", "responses_1xx_total", "responses_2xx_total",
                                  "responses_3xx_total", "responses_4xx_total", "responses_5xx_total"};
-  for (int i = 0; i < 6; ++i) emit(kClass[i], static_cast<double>(responses_[i].Get()));
-  emit("bytes_out_total", static_cast<double>(bytes_out_.Get()));
-  emit("sendmsg_total", static_cast<double>(sendmsgs_.Get()));
-  emit("partial_writes_total", static_cast<double>(partial_writes_.Get()));
-  emit("write_errors_total", static_cast<double>(write_errors_.Get()));
-  emit("responses_dropped_total", static_cast<double>(dropped_.Get()));
-  emit("connections_closed_total", static_cast<double>(closed_.Get()));
-  emit("continues_total", static_cast<double>(continues_.Get()));
+  for (int i = 0; i < 6; ++i) sink.Value(kClass[i], static_cast<double>(responses_[i].Get()));
+  sink.Value("bytes_out_total", static_cast<double>(bytes_out_.Get()));
+  sink.Value("sendmsg_total", static_cast<double>(sendmsgs_.Get()));
+  sink.Value("partial_writes_total", static_cast<double>(partial_writes_.Get()));
+  sink.Value("write_errors_total", static_cast<double>(write_errors_.Get()));
+  sink.Value("responses_dropped_total", static_cast<double>(dropped_.Get()));
+  sink.Value("connections_closed_total", static_cast<double>(closed_.Get()));
+  sink.Value("continues_total", static_cast<double>(continues_.Get()));
+  sink.Histogram("request_seconds", latency_ns_);
 }
 
 METRONOME_REGISTER_STAGE("send", SendStage);

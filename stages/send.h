@@ -28,7 +28,7 @@ class SendStage : public Stage {
   bool Idle() const override;
   bool IsSink() const override { return true; }
   bool NeedsRing() const override { return true; }
-  void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const override;
+  void ExtraStats(StatsSink& sink) const override;
 
  private:
   struct Conn {
@@ -69,6 +69,7 @@ class SendStage : public Stage {
   std::unique_ptr<RequestPool::GiverToken> giver_;
 
   Counter responses_[6];  // by status class: [1] 1xx ... [5] 5xx
+  LatencyHistogram latency_ns_;  // request head complete -> response written
   Counter bytes_out_, sendmsgs_, partial_writes_, write_errors_, dropped_, closed_, continues_;
 };
 

@@ -130,10 +130,10 @@ void SerializeStage::Serialize(Request* r) {
   r->wire_total = w.size() + (r->iov_count == 2 ? r->iov[1].iov_len : 0);
 }
 
-void SerializeStage::ExtraStats(const std::function<void(absl::string_view, double)>& emit) const {
-  emit("chunked_responses_total", static_cast<double>(chunked_.Get()));
-  emit("large_bodies_total", static_cast<double>(large_bodies_.Get()));
-  emit("dropped_response_fields_total", static_cast<double>(dropped_headers_.Get()));
+void SerializeStage::ExtraStats(StatsSink& sink) const {
+  sink.Value("chunked_responses_total", static_cast<double>(chunked_.Get()));
+  sink.Value("large_bodies_total", static_cast<double>(large_bodies_.Get()));
+  sink.Value("dropped_response_fields_total", static_cast<double>(dropped_headers_.Get()));
 }
 
 METRONOME_REGISTER_STAGE("serialize", SerializeStage);

@@ -14,7 +14,7 @@ class SerializeStage : public Stage {
  public:
   absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
   void Process(std::span<Item* const> batch, Outbox& out) override;
-  void ExtraStats(const std::function<void(absl::string_view, double)>& emit) const override;
+  void ExtraStats(StatsSink& sink) const override;
 
  private:
   void Serialize(Request* r);
