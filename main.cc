@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "admin/listener.h"
 #include "runtime/config.h"
 #include "runtime/log.h"
 #include "runtime/pipeline.h"
@@ -41,13 +42,17 @@ void StopPipeline(void* p) { static_cast<metronome::Pipeline*>(p)->RequestStop()
 
 int LoadAndBuild(const Args& args, bool check_only,
                  std::unique_ptr<metronome::ConfigDoc>* doc_out,
-                 std::unique_ptr<metronome::Pipeline>* pipeline_out) {
+                 std::unique_ptr<metronome::Pipeline>* pipeline_out,
+                 metronome::admin::AdminListener* admin, bool* admin_enabled) {
   auto doc = metronome::ConfigDoc::FromFile(args.config);
   if (!doc.ok()) {
     fprintf(stderr, "metronome: %s\n", std::string(doc.status().message()).c_str());
     return 1;
   }
   if (!args.listen.empty()) (*doc)->raw_root()["server"]["listen"] = args.listen;
+  // The admin section is the process's, not a stage's: read it first so that the pipeline's
+  // unknown-key check sees it consumed (its errors are reported with the pipeline's).
+  (void)admin->Configure((*doc)->Root(), admin_enabled);
   auto pipeline = metronome::Pipeline::Build(**doc, metronome::StageRegistry::Global(), check_only);
   if (!pipeline.ok()) {
     fprintf(stderr, "metronome: invalid config:\n%s\n", std::string(pipeline.status().message()).c_str());
@@ -68,8 +73,11 @@ bool AnyRing(metronome::Pipeline& p) {
 int Check(const Args& args) {
   std::unique_ptr<metronome::ConfigDoc> doc;
   std::unique_ptr<metronome::Pipeline> pipeline;
-  if (int rc = LoadAndBuild(args, /*check_only=*/true, &doc, &pipeline); rc != 0) return rc;
+  metronome::admin::AdminListener admin;
+  bool admin_enabled = false;
+  if (int rc = LoadAndBuild(args, /*check_only=*/true, &doc, &pipeline, &admin, &admin_enabled); rc != 0) return rc;
   printf("%s: valid\n%s", args.config.c_str(), pipeline->Describe().c_str());
+  printf("admin: %s\n", admin_enabled ? "enabled" : "off (no admin: section)");
   if (AnyRing(*pipeline)) {
     absl::Status probe = metronome::ProbeIoUring();
     printf("io_uring: %s\n", probe.ok() ? "ok" : std::string(probe.message()).c_str());
@@ -81,7 +89,15 @@ int Check(const Args& args) {
 int Serve(const Args& args) {
   std::unique_ptr<metronome::ConfigDoc> doc;
   std::unique_ptr<metronome::Pipeline> pipeline;
-  if (int rc = LoadAndBuild(args, /*check_only=*/false, &doc, &pipeline); rc != 0) return rc;
+  metronome::admin::AdminListener admin;
+  bool admin_enabled = false;
+  if (int rc = LoadAndBuild(args, /*check_only=*/false, &doc, &pipeline, &admin, &admin_enabled); rc != 0) return rc;
+  if (admin_enabled) {
+    if (absl::Status s = admin.Bind(); !s.ok()) {
+      fprintf(stderr, "metronome: %s\n", std::string(s.message()).c_str());
+      return 1;
+    }
+  }
   if (AnyRing(*pipeline)) {
     if (absl::Status probe = metronome::ProbeIoUring(); !probe.ok()) {
       fprintf(stderr, "metronome: %s\n", std::string(probe.message()).c_str());
@@ -91,7 +107,9 @@ int Serve(const Args& args) {
   std::string banner = pipeline->Describe();
   LOG_INFO("metronome %s starting on %s\n%s", METRONOME_VERSION, args.config.c_str(), banner.c_str());
   metronome::InstallStopSignals(StopPipeline, pipeline.get());
+  if (admin_enabled) admin.Start(pipeline.get(), doc.get());
   absl::Status s = pipeline->Run();
+  admin.Stop();
   if (!s.ok()) {
     LOG_ERROR("%s", std::string(s.message()).c_str());
     return 1;
