@@ -19,18 +19,21 @@ namespace {
 
 constexpr char kUsage[] =
     "usage:\n"
-    "  metronome serve -c FILE [--listen HOST:PORT]   run the server on a config\n"
+    "  metronome serve -c FILE [--listen HOST:PORT] [--admin HOST:PORT]\n"
+    "                                                 run the server on a config\n"
     "  metronome check -c FILE                        validate a config and print the pipeline\n"
     "  metronome --version\n"
     "  metronome --help\n"
     "\n"
-    "FILE is YAML; see configs/default.yaml for every key. --listen overrides server.listen.\n"
+    "FILE is YAML; see configs/default.yaml for every key. --listen overrides server.listen,\n"
+    "--admin overrides admin.listen (and turns the admin listener on). Port 0 picks a free port.\n"
     "SIGINT/SIGTERM drain in-flight work and exit 0; a second signal exits at once.\n";
 
 struct Args {
   std::string command;
   std::string config;
   std::string listen;
+  std::string admin;
 };
 
 int UsageError(const std::string& message) {
@@ -50,6 +53,7 @@ int LoadAndBuild(const Args& args, bool check_only,
     return 1;
   }
   if (!args.listen.empty()) (*doc)->raw_root()["server"]["listen"] = args.listen;
+  if (!args.admin.empty()) (*doc)->raw_root()["admin"]["listen"] = args.admin;
   // The admin section is the process's, not a stage's: read it first so that the pipeline's
   // unknown-key check sees it consumed (its errors are reported with the pipeline's).
   (void)admin->Configure((*doc)->Root(), admin_enabled);
@@ -108,7 +112,7 @@ int Serve(const Args& args) {
   LOG_INFO("metronome %s starting on %s\n%s", METRONOME_VERSION, args.config.c_str(), banner.c_str());
   metronome::InstallStopSignals(StopPipeline, pipeline.get());
   if (admin_enabled) admin.Start(pipeline.get(), doc.get());
-  absl::Status s = pipeline->Run();
+  absl::Status s = pipeline->Run([&] { LOG_INFO("running:\n%s", pipeline->RunningSummary().c_str()); });
   admin.Stop();
   if (!s.ok()) {
     LOG_ERROR("%s", std::string(s.message()).c_str());
@@ -143,6 +147,10 @@ int main(int argc, char** argv) {
       args.config = av[++i];
     } else if (a == "--listen" && i + 1 < av.size()) {
       args.listen = av[++i];
+    } else if (a == "--admin" && i + 1 < av.size()) {
+      args.admin = av[++i];
+    } else if (a.rfind("--admin=", 0) == 0) {
+      args.admin = a.substr(8);
     } else if (a.rfind("--config=", 0) == 0) {
       args.config = a.substr(9);
     } else if (a.rfind("--listen=", 0) == 0) {

@@ -779,7 +779,22 @@ void Pipeline::StartLaneThread(int l) {
   });
 }
 
-absl::Status Pipeline::Run() {
+std::string Pipeline::RunningSummary() const {
+  std::string out;
+  int fallbacks = 0;
+  for (int l = 0; l < num_lanes(); ++l) {
+    const LaneRunInfo& info = lanes_[l]->info();
+    const LaneSpec& spec = lane_specs_[l];
+    absl::StrAppendFormat(&out, "  thread %-14s %-8s %-5s%s\n", spec.name, info.policy_in_force,
+                          WaitModeName(info.wait_in_force),
+                          info.fallback.empty() ? "" : absl::StrCat("  FALLBACK from ", PolicyName(spec.sched.policy), ": ", info.fallback));
+    fallbacks += info.fallback.empty() ? 0 : 1;
+  }
+  absl::StrAppendFormat(&out, "  %d thread(s) fell back from SCHED_DEADLINE", fallbacks);
+  return out;
+}
+
+absl::Status Pipeline::Run(const std::function<void()>& on_running) {
   InstallSigxcpuHandler();
   const int n = num_lanes();
   for (int l = 0; l < n; ++l) lanes_.push_back(std::make_unique<Lane>(this, l));
@@ -818,6 +833,7 @@ absl::Status Pipeline::Run() {
   }
   if (failure.ok()) {
     running_.store(true, std::memory_order_release);
+    if (on_running) on_running();
     if (main_lane >= 0) {
       lanes_[main_lane]->Run();
     }

@@ -20,6 +20,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -99,7 +100,10 @@ class Pipeline {
   std::string StatsSummary() const;
 
   // Starts every lane, runs until RequestStop and the drain finish, joins, shuts stages down.
-  absl::Status Run();
+  // `on_running` (optional) runs on the calling thread once every lane has started.
+  absl::Status Run(const std::function<void()>& on_running = nullptr);
+  // One line per thread: the policy in force and any fallback (for the start-up banner).
+  std::string RunningSummary() const;
   // Async-signal-safe. Begins the drain: sources stop taking work, in-flight work finishes.
   void RequestStop();
   bool stop_requested() const { return stop_.load(std::memory_order_acquire); }

@@ -28,6 +28,7 @@ class SendStage : public Stage {
   bool Idle() const override;
   bool IsSink() const override { return true; }
   bool NeedsRing() const override { return true; }
+  void Shutdown() override;
   void ExtraStats(StatsSink& sink) const override;
 
  private:
@@ -60,6 +61,8 @@ class SendStage : public Stage {
   void Retire(Conn* c, Request* r, bool written);
   void DropAll(Conn* c);
   void MaybeEnd(Conn* c);
+  void AccessLog(const Conn* c, const Request* r);
+  void FlushAccessLog();
 
   HttpConfig config_;
   HttpShared* shared_ = nullptr;
@@ -67,6 +70,10 @@ class SendStage : public Stage {
   uint8_t tag_ = 0;
   std::vector<Conn> conns_;
   std::unique_ptr<RequestPool::GiverToken> giver_;
+  int access_fd_ = -1;          // server.access_log; lines are buffered per batch
+  std::string access_buf_;
+  time_t access_second_ = 0;
+  char access_time_[40] = {};
 
   Counter responses_[6];  // by status class: [1] 1xx ... [5] 5xx
   LatencyHistogram latency_ns_;  // request head complete -> response written

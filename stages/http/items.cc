@@ -23,6 +23,11 @@ void Request::Reset() {
   seq = 0;
   head_done_ns = 0;
   head.num_headers = 0;
+  head.method = head.target = head.path = head.query = head.host = {};
+  head.method_id = Method::kOther;
+  head.version_minor = 1;
+  head.keep_alive = true;
+  head.body_kind = BodyKind::kNone;
   head_buf.clear();
   body.clear();
   chunked.Reset();

@@ -47,6 +47,7 @@ HttpConfig ReadHttpConfig(ConfigNode root) {
   c.linger_timeout_ns = server.DurationNs("linger_timeout", c.linger_timeout_ns, 0, 60 * kNanosPerSecond);
   c.retry_after_s = static_cast<int>(server.DurationNs("retry_after", c.retry_after_s * kNanosPerSecond, kNanosPerSecond, 3600 * kNanosPerSecond) / kNanosPerSecond);
   c.server_name = server.String("name", c.server_name);
+  c.access_log = server.String("access_log", c.access_log);
 
   ConfigNode limits = root.Map("limits");
   c.limits.max_request_line_bytes = limits.SizeBytes("max_request_line", c.limits.max_request_line_bytes, 64, 1 << 20);

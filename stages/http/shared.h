@@ -38,6 +38,7 @@ struct HttpConfig {
   int64_t linger_timeout_ns = 2'000'000'000;
   int retry_after_s = 1;
   std::string server_name = "metronome";
+  std::string access_log;              // "" off, "-" stderr, else a file path (appended)
   // limits:
   Limits limits;
   int64_t header_timeout_ns = 10'000'000'000;

@@ -48,6 +48,9 @@ class Server:
         self.log_path = os.path.join(self.tmp.name, "server.log")
         self.log = open(self.log_path, "w+")
         cmd = [BINARY, "serve", "-c", config_file, "--listen", "127.0.0.1:0", *args]
+        with open(config_file) as f:
+            if re.search(r"^admin:", f.read(), re.M) and "--admin" not in args:
+                cmd += ["--admin", "127.0.0.1:0"]  # never a fixed admin port in tests
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd)
         self.port = None
         deadline = time.monotonic() + start_timeout

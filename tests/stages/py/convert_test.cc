@@ -388,7 +388,9 @@ TEST(JsonToPython, InvalidGivesErrorAndNoException) {
   // calls malformed).
   for (const std::string doc : {"\"\xed\xa0\x80\"", "NaN", "Infinity", "-Infinity", "[NaN]", "[-Infinity]", "{\"a\":-Infinity}",
                                 "[1,Infinity]", "[123456789012345678901234567890,NaN]",
-                                "[123456789012345678901234567890,Infinity]", "{\"n\":-Infinity,\"b\":18446744073709551616}"}) {
+                                "[123456789012345678901234567890,Infinity]", "{\"n\":-Infinity,\"b\":18446744073709551616}",
+                                // a lone surrogate escape: refused by simdjson, so on every path
+                                "\"\\ud800\"", "[123456789012345678901234567890,\"\\ud800\"]"}) {
     std::string error;
     Ref v(JsonToPython(doc.data(), doc.size(), &error));
     std::string pending = Pending();
@@ -447,7 +449,10 @@ TEST(JsonToPython, DepthLimit) {
     std::string pending = Pending();
     std::string what = c.doc.substr(0, 12) + "... (depth " + std::to_string(c.depth) + ")";
     if (c.depth <= kJsonDepthMax) {
-      ASSERT_TRUE(v) << what << ": " << error << pending;
+      if (!v) {
+        ADD_FAILURE() << what << " refused: " << error << pending;
+        continue;
+      }
       EXPECT_EQ(R("depth(v)", {{"v", v.get()}}), std::to_string(c.depth)) << what;
       Ref want = PyLoads(c.doc);
       ASSERT_TRUE(want) << FetchExceptionLine();
@@ -613,7 +618,7 @@ TEST(PythonToJson, DepthLimit) {
   const std::string over = std::to_string(kJsonDepthMax + 1);
   // Exactly kJsonDepthMax nested containers: accepted, whatever is innermost.
   for (const std::string& expr : {"nest_list(" + max + ")", "nest_list(" + max + ", 1)", "nest_list(" + max + ", 'x')",
-                                  "nest_dict(" + max + ")", "nest_dict(" + max + ", None)"}) {
+                                  "nest_dict(" + max + ")", "nest_dict(" + max + ", 'v')"}) {
     Ref obj = Eval(expr);
     ASSERT_TRUE(obj);
     EXPECT_EQ(R("depth(o)", {{"o", obj.get()}}), max) << expr;
@@ -629,7 +634,7 @@ TEST(PythonToJson, DepthLimit) {
   // One deeper: ValueError, whatever is innermost.
   for (const std::string& expr : {"nest_list(" + over + ")", "nest_list(" + over + ", 1)",
                                   "nest_list(" + over + ", 'x')", "nest_dict(" + over + ")",
-                                  "nest_dict(" + over + ", None)", std::string("nest_list(5000)")}) {
+                                  "nest_dict(" + over + ", 'v')", std::string("nest_list(5000)")}) {
     Ref obj = Eval(expr);
     ASSERT_TRUE(obj);
     std::string out;
@@ -1426,6 +1431,7 @@ TEST_F(RequestTest, NoLeaksOverManyConversions) {
   for (size_t k = 0; k < std::size(reused); ++k) {
     EXPECT_EQ(Py_REFCNT(reused[k]), refs[k]) << "object " << k << ": " << Repr(reused[k]);
   }
+  printf("allocated blocks over %d iterations: %zd -> %zd\n", kIterations, before, after);
   EXPECT_LE(after - before, 50) << "allocated blocks grew from " << before << " to " << after;
 }
 
