@@ -81,7 +81,14 @@ void SerializeStage::Serialize(Request* r) {
     chunked = false;
   }
   if (!no_body) {
-    if (!resp.content_type.empty()) absl::StrAppend(&w, "Content-Type: ", Sv(resp.content_type), "\r\n");
+    if (!resp.content_type.empty()) {
+      if (resp.content_type.find_first_of("\r\n") == std::string_view::npos && resp.content_type.find('\0') == std::string_view::npos) {
+        absl::StrAppend(&w, "Content-Type: ", Sv(resp.content_type), "\r\n");
+      } else {
+        dropped_headers_.Add();
+        LOG_RATE_LIMITED(LogLevel::kWarn, "dropped a Content-Type with CR/LF (response splitting attempt?)");
+      }
+    }
     if (chunked) {
       w += "Transfer-Encoding: chunked\r\n";
       chunked_.Add();

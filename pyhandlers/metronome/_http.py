@@ -63,7 +63,7 @@ class Response:
         fields = [("Location", quote(location, safe="/:?&=#%+@,;~!$'()*[]"))]
         if headers:
             fields += list(headers.items()) if hasattr(headers, "items") else list(headers)
-        return cls(b"", status, fields, None)
+        return cls(f"Redirecting to {fields[0][1]}\n", status, fields, "text/plain; charset=utf-8")
 
     def set_header(self, name, value):
         """Replaces every field called `name` (case-insensitive) with one."""

@@ -8,9 +8,20 @@
 namespace metronome::py {
 namespace {
 
-PyObject* Build(simdjson::dom::element e, int depth) {
+// Why a depth rule of our own: simdjson counts the value inside the innermost container as a
+// level, json.h's rule counts containers only (the root container is depth 0), the same rule
+// as the encoder, so that whatever one side makes the other accepts.
+struct BuildError {
+  const char* what = nullptr;
+};
+
+PyObject* Build(simdjson::dom::element e, int depth, BuildError* err) {
   switch (e.type()) {
     case simdjson::dom::element_type::OBJECT: {
+      if (depth >= kJsonDepthMax) {
+        err->what = "nested deeper than the limit";
+        return nullptr;
+      }
       PyObject* d = PyDict_New();
       if (d == nullptr) return nullptr;
       for (auto field : simdjson::dom::object(e)) {
@@ -19,7 +30,7 @@ PyObject* Build(simdjson::dom::element e, int depth) {
           Py_DECREF(d);
           return nullptr;
         }
-        PyObject* v = Build(field.value, depth + 1);
+        PyObject* v = Build(field.value, depth + 1, err);
         if (v == nullptr || PyDict_SetItem(d, k, v) < 0) {
           Py_DECREF(k);
           Py_XDECREF(v);
@@ -32,12 +43,16 @@ PyObject* Build(simdjson::dom::element e, int depth) {
       return d;
     }
     case simdjson::dom::element_type::ARRAY: {
+      if (depth >= kJsonDepthMax) {
+        err->what = "nested deeper than the limit";
+        return nullptr;
+      }
       simdjson::dom::array a(e);
       PyObject* l = PyList_New(static_cast<Py_ssize_t>(a.size()));
       if (l == nullptr) return nullptr;
       Py_ssize_t i = 0;
       for (auto v : a) {
-        PyObject* item = Build(v, depth + 1);
+        PyObject* item = Build(v, depth + 1, err);
         if (item == nullptr) {
           Py_DECREF(l);
           return nullptr;
@@ -54,8 +69,14 @@ PyObject* Build(simdjson::dom::element e, int depth) {
       return PyLong_FromLongLong(int64_t(e));
     case simdjson::dom::element_type::UINT64:
       return PyLong_FromUnsignedLongLong(uint64_t(e));
-    case simdjson::dom::element_type::DOUBLE:
-      return PyFloat_FromDouble(double(e));
+    case simdjson::dom::element_type::DOUBLE: {
+      double d = double(e);
+      if (!std::isfinite(d)) {  // 1e400: valid JSON, but no double holds it
+        err->what = "a number is out of range";
+        return nullptr;
+      }
+      return PyFloat_FromDouble(d);
+    }
     case simdjson::dom::element_type::BOOL:
       return PyBool_FromLong(bool(e));
     case simdjson::dom::element_type::NULL_VALUE:
@@ -64,14 +85,52 @@ PyObject* Build(simdjson::dom::element e, int depth) {
   Py_RETURN_NONE;
 }
 
-// json.loads for what simdjson refuses but Python accepts (integers beyond 64 bits).
+// True if every string in `o` is valid Unicode without lone surrogates (what simdjson demands),
+// every float finite, and containers within the depth rule.
+bool StrictJsonValue(PyObject* o, int depth) {
+  if (PyUnicode_Check(o)) {
+    if (PyUnicode_AsUTF8AndSize(o, nullptr) != nullptr) return true;
+    PyErr_Clear();
+    return false;
+  }
+  if (PyFloat_Check(o)) return std::isfinite(PyFloat_AS_DOUBLE(o));
+  if (PyList_Check(o)) {
+    if (depth >= kJsonDepthMax) return false;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); ++i) {
+      if (!StrictJsonValue(PyList_GET_ITEM(o, i), depth + 1)) return false;
+    }
+    return true;
+  }
+  if (PyDict_Check(o)) {
+    if (depth >= kJsonDepthMax) return false;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(o, &pos, &k, &v)) {
+      if (!StrictJsonValue(k, depth + 1) || !StrictJsonValue(v, depth + 1)) return false;
+    }
+    return true;
+  }
+  return true;
+}
+
+// json.loads for what simdjson refuses but is valid JSON (integers beyond 64 bits). It is held
+// to simdjson's rules otherwise: NaN/Infinity and lone surrogates, which json.loads accepts,
+// are refused here too.
 PyObject* PythonLoads(const char* data, size_t len, std::string* error) {
   static PyObject* loads = nullptr;
   if (loads == nullptr) {
-    PyObject* mod = PyImport_ImportModule("json");
-    if (mod == nullptr) return nullptr;
-    loads = PyObject_GetAttrString(mod, "loads");
-    Py_DECREF(mod);
+    PyObject* globals = PyDict_New();
+    PyObject* r = globals ? PyRun_String(
+        "import json\n"
+        "def _refuse(name):\n"
+        "    raise ValueError(f'{name} is not JSON')\n"
+        "def loads(text):\n"
+        "    return json.loads(text, parse_constant=_refuse)\n",
+        Py_file_input, globals, globals) : nullptr;
+    Py_XDECREF(r);
+    loads = r ? PyDict_GetItemString(globals, "loads") : nullptr;
+    Py_XINCREF(loads);
+    Py_XDECREF(globals);
     if (loads == nullptr) return nullptr;
   }
   PyObject* text = PyUnicode_DecodeUTF8(data, static_cast<Py_ssize_t>(len), "strict");
@@ -82,6 +141,11 @@ PyObject* PythonLoads(const char* data, size_t len, std::string* error) {
   }
   PyObject* result = PyObject_CallOneArg(loads, text);
   Py_DECREF(text);
+  if (result != nullptr && !StrictJsonValue(result, 0)) {
+    Py_DECREF(result);
+    *error = "invalid JSON: a lone surrogate, a number out of range, or nesting deeper than the limit";
+    return nullptr;
+  }
   if (result == nullptr && PyErr_ExceptionMatches(PyExc_ValueError)) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -101,7 +165,7 @@ class Encoder {
   explicit Encoder(std::string* out) : out_(out) {}
 
   bool Encode(PyObject* o, int depth) {
-    if (depth > kJsonDepthMax) {
+    if (depth >= kJsonDepthMax && (PyDict_Check(o) || PyList_Check(o) || PyTuple_Check(o))) {
       PyErr_Format(PyExc_ValueError, "JSON nesting deeper than %d", kJsonDepthMax);
       return false;
     }
@@ -235,14 +299,14 @@ PyObject* JsonToPython(const char* data, size_t len, std::string* error) {
   thread_local simdjson::dom::parser parser;
   thread_local bool sized = false;
   if (!sized) {
-    if (parser.allocate(4096, kJsonDepthMax) != simdjson::SUCCESS) {
+    if (parser.allocate(4096, kJsonDepthMax + 1) != simdjson::SUCCESS) {
       PyErr_NoMemory();
       return nullptr;
     }
     sized = true;
   }
   if (parser.capacity() < len) {
-    if (parser.allocate(len, kJsonDepthMax) != simdjson::SUCCESS) {
+    if (parser.allocate(len, kJsonDepthMax + 1) != simdjson::SUCCESS) {
       PyErr_NoMemory();
       return nullptr;
     }
@@ -258,7 +322,14 @@ PyObject* JsonToPython(const char* data, size_t len, std::string* error) {
                                                   : simdjson::error_message(err));
     return nullptr;
   }
-  return Build(root, 0);
+  BuildError build_error;
+  PyObject* v = Build(root, 0, &build_error);
+  if (v == nullptr && build_error.what != nullptr) {
+    PyErr_Clear();
+    *error = std::string("invalid JSON: ") + build_error.what + " (" + std::to_string(kJsonDepthMax) + " levels)";
+    if (std::string(build_error.what).find("range") != std::string::npos) *error = std::string("invalid JSON: ") + build_error.what;
+  }
+  return v;
 }
 
 bool PythonToJson(PyObject* obj, std::string* out) {

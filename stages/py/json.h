@@ -15,7 +15,8 @@
 
 namespace metronome::py {
 
-// Nesting deeper than this is refused both ways (a parse error; a ValueError when encoding).
+// Containers nested deeper than this (the root container is level 1) are refused both ways (a
+// parse error; a ValueError when encoding).
 inline constexpr int kJsonDepthMax = 512;
 
 // New reference, or nullptr with *error set (invalid JSON, too deep); no Python exception is

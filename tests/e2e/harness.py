@@ -56,7 +56,7 @@ class Server:
         deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             text = self.read_log()
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", text)
+            m = re.search(r"\] listening on http://127\.0\.0\.1:(\d+)", text)
             if m and "route table" in text:
                 self.port = int(m.group(1))
                 break

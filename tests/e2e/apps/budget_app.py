@@ -1,0 +1,91 @@
+"""Handlers that misbehave on purpose, for tests/e2e/test_budgets.py."""
+import time
+
+import metronome
+
+app = metronome.App()
+
+
+def burn(ms):
+    end = time.thread_time() + ms / 1000.0
+    n = 0
+    while time.thread_time() < end:
+        n += 1
+    return n
+
+
+@app.get("/json")
+def json_hello(req):
+    return {"message": "Hello, World!"}
+
+
+@app.get("/hog", heavy=True)
+def hog(req):
+    burn(int(req.query.get("ms", "100")))
+    return "done"
+
+
+@app.get("/hog-light")
+def hog_light(req):
+    """A hog on the main lane (not marked heavy)."""
+    burn(int(req.query.get("ms", "100")))
+    return "done"
+
+
+@app.get("/swallow-cpu")
+def swallow_cpu(req):
+    try:
+        burn(500)
+    except metronome.BudgetExceeded:
+        return "I caught it and pretend all is well"
+    return "finished"
+
+
+cleanups = []
+
+
+@app.get("/cleanup")
+def cleanup(req):
+    try:
+        burn(500)
+    finally:
+        cleanups.append(time.time())  # finally blocks run when the budget stops a handler
+
+
+@app.get("/cleanups")
+def cleanup_count(req):
+    return {"cleanups": len(cleanups)}
+
+
+@app.get("/alloc")
+def alloc(req):
+    mb = int(req.query.get("mb", "1"))
+    chunks = [bytearray(64 * 1024) for _ in range(mb * 16)]
+    return {"allocated_mb": len(chunks) // 16}
+
+
+@app.get("/swallow-memory")
+def swallow_memory(req):
+    try:
+        hoard = [bytearray(64 * 1024) for _ in range(512 * 16)]
+        return {"hoard": len(hoard)}
+    except MemoryError:
+        return "I caught MemoryError and pretend all is well"
+
+
+@app.get("/stuck-in-c")
+def stuck_in_c(req):
+    # One C call: the interpreter checks for interrupts only when it returns.
+    return {"sum": sum(range(int(req.query.get("n", "60000000"))))}
+
+
+@app.get("/budget-20ms", cpu_budget="20ms")
+def budget_20ms(req):
+    burn(200)
+    return "done"
+
+
+@app.get("/budget-yaml")
+def budget_yaml(req):
+    burn(200)
+    return "done"

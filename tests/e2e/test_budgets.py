@@ -1,0 +1,249 @@
+"""Per-request budgets end to end: CPU (BudgetExceeded raised in the handler, 503 whatever the
+handler does), memory (MemoryError, 503), the stuck-in-C hard limit, the RSS guard, and that a
+late interrupt never hits a later request."""
+import json
+import os
+import re
+import threading
+import time
+import unittest
+import urllib.request
+
+from harness import ROOT, Reader, Server, request
+
+APPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps")
+
+
+def budget_config(extra_python="", lanes="", budget="cpu: 50ms, memory: 64MiB, hard: 300ms", admin=True):
+    return f"""
+{'admin: {listen: 127.0.0.1:0}' if admin else ''}
+python:
+  app: "budget_app:app"
+  path: [{APPS}]
+  budget: {{{budget}}}
+{extra_python}
+routes:
+  - {{path: /native, body: "native"}}
+pipeline:
+  - {{stage: accept}}
+  - {{stage: parse}}
+  - {{stage: route}}
+  - {{stage: python}}
+{lanes}
+  - {{stage: serialize}}
+  - {{stage: send}}
+"""
+
+
+HEAVY_LANE = "  - {stage: python, name: heavy, serves: heavy}"
+
+
+def get(server, path, timeout=30):
+    with server.connect(timeout=timeout) as s:
+        t0 = time.monotonic()  # before sending: the server may start before sendall returns
+        s.sendall(request("GET", path))
+        r = Reader(s).read_response()
+        return r, time.monotonic() - t0
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"^VmRSS:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def admin_stats(server):
+    m = re.search(r"admin listening on http://([\d.]+:\d+)", server.read_log())
+    with urllib.request.urlopen(f"http://{m.group(1)}/stats", timeout=10) as f:
+        return json.load(f)
+
+
+def stage_extra(stats, stage, name):
+    for s in stats["stages"]:
+        if s["name"] == stage:
+            return s["extra"].get(name)
+    raise KeyError(stage)
+
+
+class CpuBudget(unittest.TestCase):
+    def check_hog(self, path, lanes):
+        with Server(budget_config(lanes=lanes)) as srv:
+            r, elapsed = get(srv, path)
+            self.assertEqual(r.status, 503, r)
+            self.assertEqual(r.header("metronome-budget"), "cpu")
+            self.assertIn(b"cpu budget", r.body)
+            # The handler asked for 200 ms; the budget is 50 ms: stopped at 50 ms + a margin.
+            self.assertGreaterEqual(elapsed, 0.050)
+            self.assertLess(elapsed, 0.150, f"503 came {elapsed * 1000:.1f} ms after the request")
+            r, _ = get(srv, "/json")
+            self.assertEqual(r.status, 200)
+            self.assertEqual(json.loads(r.body), {"message": "Hello, World!"})
+            self.assertIn("exceeded its cpu budget (50ms)", srv.read_log())
+
+    def test_hog_on_main_lane(self):  # Py_AddPendingCall + SIGUSR2
+        self.check_hog("/hog-light?ms=200", "")
+
+    def test_hog_on_heavy_lane(self):  # PyThreadState_SetAsyncExc under the GIL
+        self.check_hog("/hog?ms=200", HEAVY_LANE)
+
+    def test_within_budget_is_not_stopped(self):
+        with Server(budget_config()) as srv:
+            r, _ = get(srv, "/hog-light?ms=20")
+            self.assertEqual((r.status, r.body), (200, b"done"))
+
+    def test_swallowed_budget_exceeded_still_503(self):
+        with Server(budget_config()) as srv:
+            r, elapsed = get(srv, "/swallow-cpu")
+            self.assertEqual(r.status, 503)
+            self.assertEqual(r.header("metronome-budget"), "cpu")
+            self.assertNotIn(b"pretend", r.body)
+            self.assertLess(elapsed, 0.150)
+
+    def test_finally_blocks_run(self):
+        with Server(budget_config()) as srv:
+            for _ in range(3):
+                self.assertEqual(get(srv, "/cleanup")[0].status, 503)
+            r, _ = get(srv, "/cleanups")
+            self.assertEqual(json.loads(r.body), {"cleanups": 3})
+
+    def test_route_budget_from_decorator_and_yaml(self):
+        extra = "  routes:\n    - {path: /budget-yaml, method: GET, cpu: 30ms}"
+        with Server(budget_config(extra_python=extra)) as srv:
+            r, elapsed = get(srv, "/budget-20ms")
+            self.assertEqual(r.status, 503)
+            self.assertGreaterEqual(elapsed, 0.020)
+            self.assertLess(elapsed, 0.045)
+            r, elapsed = get(srv, "/budget-yaml")
+            self.assertEqual(r.status, 503)
+            self.assertGreaterEqual(elapsed, 0.030)
+            self.assertLess(elapsed, 0.045)
+            log = srv.read_log()
+            self.assertIn("GET /budget-20ms exceeded its cpu budget (20ms)", log)
+            self.assertIn("GET /budget-yaml exceeded its cpu budget (30ms)", log)
+
+    def test_yaml_override_for_unknown_route_fails_start(self):
+        extra = "  routes:\n    - {path: /no-such-route, cpu: 30ms}"
+        with self.assertRaises(RuntimeError) as cm:
+            Server(budget_config(extra_python=extra))
+        self.assertIn("no route of the app has path '/no-such-route'", str(cm.exception))
+
+    def test_kills_counted_per_route(self):
+        with Server(budget_config()) as srv:
+            for _ in range(2):
+                get(srv, "/hog-light?ms=200")
+            stats = admin_stats(srv)
+            self.assertEqual(stage_extra(stats, "python", "budget_cpu_kills_total"), 2)
+            py = [s for s in stats["stages"] if s["name"] == "python"][0]
+            kills = {e["value_label"]: e["value"] for e in py["labeled"] if e["name"] == "budget_cpu_kills_by_route_total"}
+            self.assertEqual(kills["GET /hog-light"], 2)
+            self.assertEqual(kills["GET /json"], 0)
+
+
+class LateInterrupts(unittest.TestCase):
+    """10k alternating fast and slow requests: a late interrupt must never turn a fast one into
+    a 503 (or a slow one into a 200)."""
+
+    def run_alternating(self, srv, fast, slow, total=10000, connections=4):
+        wrong = []
+        counts = {"fast": 0, "slow": 0}
+        lock = threading.Lock()
+
+        def client(n):
+            with srv.connect(timeout=30) as s:
+                rd = Reader(s)
+                for i in range(n):
+                    is_slow = i % 2 == 1
+                    s.sendall(request("GET", slow if is_slow else fast))
+                    r = rd.read_response()
+                    expected = 503 if is_slow else 200
+                    with lock:
+                        counts["slow" if is_slow else "fast"] += 1
+                        if r.status != expected:
+                            wrong.append((i, is_slow, r.status, r.body[:60]))
+
+        threads = [threading.Thread(target=client, args=(total // connections,)) for _ in range(connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(counts["fast"] + counts["slow"], total)
+        self.assertEqual(wrong, [], f"{len(wrong)} wrong statuses")
+
+    def test_main_lane(self):
+        extra = "  routes:\n    - {path: /hog-light, cpu: 1ms}"
+        with Server(budget_config(extra_python=extra)) as srv:
+            self.run_alternating(srv, "/json", "/hog-light?ms=3")
+
+    def test_heavy_lane(self):
+        # Both routes on the heavy lane: the async-exception path, one thread for both.
+        extra = "  routes:\n    - {path: /hog, cpu: 1ms}\n    - {path: /json, heavy: true}"
+        with Server(budget_config(extra_python=extra, lanes=HEAVY_LANE)) as srv:
+            self.run_alternating(srv, "/json", "/hog?ms=3")
+
+
+class MemoryBudget(unittest.TestCase):
+    def test_alloc_past_cap_is_503_and_memory_comes_back(self):
+        with Server(budget_config()) as srv:
+            get(srv, "/alloc?mb=8")  # warm up the allocator
+            before = rss_kib(srv.pid)
+            r, _ = get(srv, "/alloc?mb=512")
+            self.assertEqual(r.status, 503)
+            self.assertEqual(r.header("metronome-budget"), "memory")
+            self.assertIn(b"memory budget", r.body)
+            after = rss_kib(srv.pid)
+            self.assertLess(after - before, 8 * 1024, f"RSS grew from {before} KiB to {after} KiB")
+            # The interpreter is healthy: the next requests are served normally.
+            r, _ = get(srv, "/alloc?mb=8")
+            self.assertEqual((r.status, json.loads(r.body)), (200, {"allocated_mb": 8}))
+            self.assertEqual(get(srv, "/json")[0].status, 200)
+
+    def test_swallowed_memory_error_still_503(self):
+        with Server(budget_config()) as srv:
+            r, _ = get(srv, "/swallow-memory")
+            self.assertEqual(r.status, 503)
+            self.assertEqual(r.header("metronome-budget"), "memory")
+            self.assertNotIn(b"pretend", r.body)
+            self.assertEqual(get(srv, "/json")[0].status, 200)
+
+    def test_rss_guard_sheds_python_not_native(self):
+        with Server(budget_config(budget="cpu: 50ms, memory: 64MiB, rss_limit: 1MiB")) as srv:
+            deadline = time.monotonic() + 5
+            while True:  # the guard reads RSS every 100 ms
+                r, _ = get(srv, "/json")
+                if r.status == 503 or time.monotonic() > deadline:
+                    break
+            self.assertEqual(r.status, 503)
+            self.assertEqual(r.header("metronome-budget"), "rss")
+            self.assertIsNotNone(r.header("retry-after"))
+            r, _ = get(srv, "/native")
+            self.assertEqual((r.status, r.body), (200, b"native"))
+            self.assertGreaterEqual(stage_extra(admin_stats(srv), "python", "budget_rss_sheds_total"), 1)
+
+
+class StuckInC(unittest.TestCase):
+    def test_native_routes_answer_while_python_is_stuck(self):
+        with Server(budget_config()) as srv:
+            result = {}
+
+            def stuck():
+                result["r"], result["t"] = get(srv, "/stuck-in-c?n=120000000", timeout=120)
+
+            t = threading.Thread(target=stuck)
+            t.start()
+            time.sleep(0.2)  # let it get into sum()
+            for _ in range(20):
+                r, elapsed = get(srv, "/native")
+                self.assertEqual(r.status, 200)
+                self.assertLess(elapsed, 0.1)
+            t.join()
+            # The budget fired; the C call could only notice it when it returned.
+            self.assertEqual(result["r"].status, 503)
+            self.assertGreater(result["t"], 0.3)
+            log = srv.read_log()
+            self.assertIn("past the 300ms hard limit, and cannot be interrupted", log)
+            self.assertIn("returned after", log)
+            self.assertGreaterEqual(stage_extra(admin_stats(srv), "python", "budget_stuck_handlers_total"), 1)
+            self.assertEqual(get(srv, "/json")[0].status, 200)
+
+
+if __name__ == "__main__":
+    unittest.main()
