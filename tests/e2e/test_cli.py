@@ -80,11 +80,13 @@ class CliTest(unittest.TestCase):
         self.assertIn(f"{DEFAULT_CONFIG}: valid", p.stdout)
         with open(DEFAULT_CONFIG) as f:
             text = f.read()
-        stages = re.findall(r"^\s*-\s*\{stage:\s*([\w-]+)", text.split("\npipeline:", 1)[1], re.M)
-        self.assertGreaterEqual(len(stages), 5)
-        self.assertIn(f"pipeline: {len(stages)} stages", p.stdout)
-        for i, stage in enumerate(stages):
-            self.assertRegex(p.stdout, rf"(?m)^\s*{i}\s+{re.escape(stage)}\s+{re.escape(stage)}\s")
+        entries = re.findall(r"^\s*-\s*\{stage:\s*([\w-]+)(.*)\}", text.split("\npipeline:", 1)[1], re.M)
+        self.assertGreaterEqual(len(entries), 5)
+        self.assertIn(f"pipeline: {len(entries)} stages", p.stdout)
+        for i, (stage, rest) in enumerate(entries):
+            name = re.search(r"\bname:\s*([\w-]+)", rest)
+            name = name.group(1) if name else stage
+            self.assertRegex(p.stdout, rf"(?m)^\s*{i}\s+{re.escape(name)}\s+{re.escape(stage)}\s")
         self.assertRegex(p.stdout, r"deadline bandwidth: \d+\.\d+ of \d+\.\d+ CPUs admitted")
         self.assertIn("io_uring: ok", p.stdout)
 

@@ -195,8 +195,8 @@ class ExampleAppTest(PythonServerTest):
         resp = self.get("/redirect")
         self.assertEqual(resp.status, 302)
         self.assertEqual(resp.header("location"), "/json")
-        self.assertEqual(resp.body, b"")
-        self.assertEqual(resp.header("content-length"), "0")
+        self.assertEqual(resp.body, b"Redirecting to /json\n")
+        self.assertEqual(resp.header("content-type"), "text/plain; charset=utf-8")
 
     def test_teapot_http_error(self):
         resp = self.get("/teapot")

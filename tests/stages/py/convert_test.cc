@@ -280,7 +280,6 @@ const std::vector<std::string> kValidDocs = {
     "1e300", "-1e300", "1.7976931348623157e308", "2.2250738585072014e-308",
     "-0.0", "0.0", "0e0", "-0e-0",
     "5e-324", "4.9406564584124654e-324", "1e-400", "-1e-400",
-    "1e400", "-1e400",  // json.loads: inf (valid JSON, out of double range)
     "0.30000000000000004", "3.141592653589793238462643383279502884197",
     "12345678901234567890123.5", "100000000000000000000000000000000.0",
     "\"\"", "\"abc\"", "\"\\u00e9\"", "\"\\u00E9\"", "\"\\ud83d\\ude00\"", "\"\\uD834\\uDD1E\"",
@@ -386,7 +385,10 @@ TEST(JsonToPython, InvalidGivesErrorAndNoException) {
   // json.loads accepts them: the server refuses them whichever parser path the document takes
   // (simdjson, or json.loads for a document with an integer beyond 64 bits or a number simdjson
   // calls malformed).
-  for (const std::string doc : {"\"\xed\xa0\x80\"", "NaN", "Infinity", "-Infinity", "[NaN]", "[-Infinity]", "{\"a\":-Infinity}",
+  // Numbers beyond a double (1e400) are valid JSON syntax, but json.loads makes inf of them,
+  // which no response could encode again: refused too (a 400 for a request body, not a 500
+  // later).
+  for (const std::string doc : {"1e400", "-1e400", "[1,1e400]", "\"\xed\xa0\x80\"", "NaN", "Infinity", "-Infinity", "[NaN]", "[-Infinity]", "{\"a\":-Infinity}",
                                 "[1,Infinity]", "[123456789012345678901234567890,NaN]",
                                 "[123456789012345678901234567890,Infinity]", "{\"n\":-Infinity,\"b\":18446744073709551616}",
                                 // a lone surrogate escape: refused by simdjson, so on every path
@@ -650,7 +652,6 @@ TEST(PythonToJson, DepthLimit) {
 TEST(Json, RoundTripMatchesPython) {
   // JSON -> Python -> JSON == json.dumps(json.loads(doc)): big integers survive exactly.
   for (const std::string& doc : kValidDocs) {
-    if (doc == "1e400" || doc == "-1e400") continue;  // inf: not encodable (allow_nan=False)
     std::string error;
     Ref v(JsonToPython(doc.data(), doc.size(), &error));
     ASSERT_TRUE(v) << doc << ": " << error << Pending();
@@ -1164,8 +1165,8 @@ TEST(ResultToResponse, ReturnConventions) {
       {"metronome.Response.json({'k': 'v'}, status=201)", 201, kJsonType, "{\"k\":\"v\"}", "", false},
       {"metronome.Response.text(42)", 200, kTextType, "42", "", false},
       {"metronome.Response.html('<p>x</p>')", 200, "text/html; charset=utf-8", "<p>x</p>", "", false},
-      {"metronome.Response.redirect('/json')", 302, kBytesType, "", "Location: /json\n", false},
-      {"metronome.Response.redirect('/a b', 301, {'X-R': 'y'})", 301, kBytesType, "", "Location: /a%20b\nX-R: y\n", false},
+      {"metronome.Response.redirect('/json')", 302, kTextType, "Redirecting to /json\n", "Location: /json\n", false},
+      {"metronome.Response.redirect('/a b', 301, {'X-R': 'y'})", 301, kTextType, "Redirecting to /a%20b\n", "Location: /a%20b\nX-R: y\n", false},
       {"metronome.Response(b'raw', headers=[('Content-Type', 'image/png'), ('X-B', 2)])", 200, "image/png", "raw", "X-B: 2\n", false},
       {"metronome.Response(b'raw', headers=[('content-type', 'image/gif')])", 200, "image/gif", "raw", "", false},
       {"metronome.Response({'a': 1}, content_type='application/vnd.x+json')", 200, "application/vnd.x+json", "{\"a\":1}", "", false},
@@ -1357,7 +1358,8 @@ TEST_F(RequestTest, NoLeaksOverManyConversions) {
   PyObject* reused[] = {encode_obj.get(),   bad_obj.get(),         result_dict.get(),
                         result_str.get(),   result_bytes.get(),    result_tuple.get(),
                         result_response.get(), make_gen.get(),     http_error.get(),
-                        Py_None,            Py_True,               Py_False,
+                        // Not None/True/False: the interpreter's own caches hold and drop them
+                        // at will, so their counts move without any leak.
                         GetHelpers().headers, GetHelpers().multidict, GetHelpers().http_error,
                         GetHelpers().response};
 
