@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "runtime/units.h"
@@ -70,7 +71,18 @@ void YamlToJson(std::string* out, const YAML::Node& n) {
     }
     out->push_back(']');
   } else {
-    JsonString(out, n.Scalar());
+    // Unquoted YAML scalars that read as numbers or booleans are written as such; everything
+    // else (durations like 5s, quoted values) stays a string.
+    const std::string& v = n.Scalar();
+    double d;
+    if (n.Tag() != "!" && (v == "true" || v == "false")) {
+      *out += v;
+    } else if (n.Tag() != "!" && !v.empty() && v.find_first_not_of("-0123456789.eE+") == std::string::npos &&
+               absl::SimpleAtod(v, &d) && std::isfinite(d)) {
+      JsonNumber(out, d);
+    } else {
+      JsonString(out, v);
+    }
   }
 }
 
@@ -170,20 +182,12 @@ void JsonQuantiles(std::string* out, const LatencyHistogram::Snapshot& h) {
 
 double ThreadCpuSeconds(int tid) {
   if (tid <= 0) return -1;
-  std::ifstream in(absl::StrCat("/proc/self/task/", tid, "/stat"));
-  std::string line;
-  if (!std::getline(in, line)) return -1;
-  // Fields after the ")" that closes the thread name: state is field 3, utime 14, stime 15.
-  size_t close = line.rfind(')');
-  if (close == std::string::npos) return -1;
-  std::istringstream rest(line.substr(close + 2));
-  std::string field;
-  double utime = 0, stime = 0;
-  for (int f = 3; f <= 15 && rest >> field; ++f) {
-    if (f == 14) utime = std::stod(field);
-    if (f == 15) stime = std::stod(field);
-  }
-  return (utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  // schedstat's first field is the time on CPU in ns (stat's utime/stime tick at 10 ms, too
+  // coarse for a per-second utilisation bar).
+  std::ifstream in(absl::StrCat("/proc/self/task/", tid, "/schedstat"));
+  double ns;
+  if (!(in >> ns)) return -1;
+  return ns / 1e9;
 }
 
 std::string RenderMetrics(const Pipeline& p) {

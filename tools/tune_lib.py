@@ -19,6 +19,7 @@ import math
 import os
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -33,6 +34,10 @@ PERIOD_MAX_NS = NS_PER_S
 GRID_MANTISSAS = (1.0, 2.0, 2.5, 5.0)
 # The proposal leaves this share of the admitted bandwidth unused (rounding, other deadline tasks).
 ADMISSION_MARGIN = 0.01
+# A deadline thread that used this share of its bandwidth (or overran) was throttled.
+THROTTLED_SHARE = 0.9
+# A thread that overran gets at least this many times its old bandwidth.
+OVERRUN_BOOST = 2.0
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,16 +143,25 @@ def normalize_admin(url):
     return url
 
 
-def fetch_stats(admin, timeout=5.0):
+def fetch_stats(admin, timeout=5.0, starting_wait=10.0):
+    """The /stats document. While the server is starting (503 "starting") it retries for up to
+    starting_wait seconds."""
     url = normalize_admin(admin) + "/stats"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as f:
-            return json.load(f)
-    except (urllib.error.URLError, OSError) as e:
-        raise TuneError(f"cannot read {url}: {getattr(e, 'reason', e)} "
-                        "(is the server running with an `admin: {listen: HOST:PORT}` section?)")
-    except ValueError as e:
-        raise TuneError(f"{url} did not return JSON: {e}")
+    give_up = time.monotonic() + starting_wait
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as f:
+                return json.load(f)
+        except urllib.error.HTTPError as e:
+            if e.code == 503 and time.monotonic() < give_up:
+                time.sleep(0.05)
+                continue
+            raise TuneError(f"{url} answered {e.code} {e.reason}")
+        except (urllib.error.URLError, OSError) as e:
+            raise TuneError(f"cannot read {url}: {getattr(e, 'reason', e)} "
+                            "(is the server running with an `admin: {listen: HOST:PORT}` section?)")
+        except ValueError as e:
+            raise TuneError(f"{url} did not return JSON: {e}")
 
 
 # --- histograms ------------------------------------------------------------------------------
@@ -304,14 +318,25 @@ How the proposal is made (per deadline thread; other threads are left as they ar
   deadline = kept only where the config sets one: same share of the period as before
              (never below the runtime).
 Admission: the sum of runtime/period over the deadline threads must fit the CPUs the kernel
-admits (/stats admission.admitted_cpus, less a 1 % margin). If it does not, the tuner says which
-consecutive threads to group on one lane (the pair using the least CPU first) or which thread to
-give less, and fits the proposal: first the headroom above the measured need shrinks (the same
-share on every thread); if the needs alone do not fit, every runtime is scaled by the same
-factor (never below 20us). Such a proposal cannot carry the measured load: it says so.
-A thread that overran its runtime during the window was throttled: its CPU share was capped by
-its old budget and its service times include the time it spent throttled. Run the tuner again
-on the new budgets to refine them."""
+admits (/stats admission.admitted_cpus, less a 1 % margin; other deadline processes on the
+machine share the same limit). If it does not, the tuner says which consecutive threads to group
+on one lane (the pair using the least CPU first) or which thread to give less, and fits the
+proposal: first the headroom above each need shrinks (the same share on every thread); if the
+needs alone do not fit, every need is scaled by one factor (never below 20us): such a proposal
+cannot carry the measured load, and the tuner says so.
+Throttled threads: a deadline thread that overran its runtime in the window, or used 90 % of its
+bandwidth or more, was throttled: its CPU share was capped by the old budget, its service times
+and busy time include the time it spent throttled, and under closed-loop load every thread of
+the pipeline saw the rate the throttled one let through, not the demand. Then
+  need     = the largest of its CPU share x period, p50 service x arrivals per period, and,
+             if it overran, 2 x its old bandwidth x period (overruns show the old runtime was
+             short of its bursts); runtime = headroom x that need
+  fill     = every deadline thread gets at least (admitted - 1 %) x period x use / total use,
+             use = max(CPU share, p50 service x arrivals/s): the admitted bandwidth shared in
+             proportion to each thread's cost per request, so that no thread stays the
+             bottleneck; the admission fit above then applies.
+Run the load and the tuner again on the new budgets: an unthrottled window sizes every thread to
+its measured demand, and a thread that still overruns gets more."""
 
 
 def path_thread_count(threads, stages):
@@ -338,19 +363,39 @@ def choose_period_ns(target_ns, n_path, limits=None):
 
 
 def thread_need_ns(thread, stages, period_ns):
-    """(need_ns, parts): the measured work of one thread per period (see PROPOSAL_RULES)."""
-    items = 0.0
-    busy = 0.0
+    """(need_ns, parts): the measured work of one thread per period (see PROPOSAL_RULES).
+
+    parts: items_p99 (sum of p99 service x arrivals per period), cpu (CPU share x period),
+    busy (busy share x period), items_p50 (p50 service x arrivals per period), use (CPU per
+    second: max of the CPU share and the p50 work), boost (after overruns: twice the old
+    bandwidth x period), throttled (bool), and robust (the need of a throttled thread: the
+    measures that throttling does not inflate)."""
+    items = items50 = busy = 0.0
     for name in thread["stages"]:
         s = stages.get(name)
         if s is None:
             continue
         if s["p99_ns"] is not None and s["arrivals"] > 0:
             items += s["p99_ns"] * s["arrivals"] * period_ns / NS_PER_S
+            items50 += s["p50_ns"] * s["arrivals"] * period_ns / NS_PER_S
         busy += s["busy_share"] * period_ns
     cpu = (thread["cpu_share"] or 0.0) * period_ns
-    parts = {"items_p99": items, "cpu": cpu, "busy": busy}
-    return max(items, cpu, busy), parts
+    in_force = thread.get("policy_in_force", thread["policy"]) == "deadline"
+    overran = in_force and thread["overruns"] > 0
+    saturated = in_force and thread["cpu_share"] is not None and thread["bandwidth"] > 0 and \
+        thread["cpu_share"] >= THROTTLED_SHARE * thread["bandwidth"]
+    boost = OVERRUN_BOOST * thread["bandwidth"] * period_ns if overran else 0.0
+    parts = {"items_p99": items, "items_p50": items50, "cpu": cpu, "busy": busy, "boost": boost,
+             "use": max(cpu, items50) / period_ns, "throttled": overran or saturated}
+    parts["robust"] = max(cpu, items50, boost)
+    need = parts["robust"] if parts["throttled"] else max(items, cpu, busy)
+    return need, parts
+
+
+def _round_us(ns, lo, hi, up=True):
+    # (1e-6: float noise such as 1.2000000000000002 must not round up a whole microsecond)
+    v = math.ceil(ns / NS_PER_US - 1e-6) if up else math.floor(ns / NS_PER_US + 1e-6)
+    return int(min(hi, max(lo, v * NS_PER_US)))
 
 
 def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_ns=MIN_RUNTIME_NS,
@@ -358,7 +403,7 @@ def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_
     """The proposal for every thread of an analyze() window. Returns a dict:
       period_ns, n_path, limit, rows[] (one per thread, in pipeline order), wanted_bandwidth,
       bandwidth_after, need_bandwidth, fitted (None | "headroom" | "scaled"), fit_factor,
-      advice[] (lines), feasible (the measured needs fit).
+      filled (the window was throttled), advice[] (lines), feasible (the measured needs fit).
     """
     if headroom < 1.0:
         raise TuneError("--headroom must be at least 1.0")
@@ -377,15 +422,29 @@ def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_
                "arrivals": max((stages[s]["arrivals"] for s in t["stages"] if s in stages), default=0.0),
                "p99_ns": _sum_or_none([stages[s]["p99_ns"] for s in t["stages"] if s in stages]),
                "batches": sum(stages[s]["batches"] for s in t["stages"] if s in stages),
-               "throttled": t["policy"] == "deadline" and t["overruns"] > 0,
-               "after": None}
+               "throttled": False, "after": None}
         if t["policy"] == "deadline":
             need, parts = thread_need_ns(t, stages, period)
-            want = min(period, max(min_runtime_ns, math.ceil(headroom * need / NS_PER_US) * NS_PER_US))
-            need_c = min(period, max(min_runtime_ns, math.ceil(need / NS_PER_US) * NS_PER_US))
-            row.update(need_ns=need, need_parts=parts, want_runtime_ns=want, need_runtime_ns=need_c)
+            # A throttled thread's p99 service and busy time include the time it was throttled:
+            # only the measures that throttling does not inflate count (its need).
+            rule = need if parts["throttled"] else max(parts["items_p99"], parts["cpu"], parts["busy"])
+            row.update(need_ns=need, need_parts=parts, throttled=parts["throttled"], use_share=parts["use"],
+                       need_runtime_ns=_round_us(need, min_runtime_ns, period),
+                       want_runtime_ns=_round_us(max(headroom * rule, need), min_runtime_ns, period))
         rows.append(row)
     dl = [r for r in rows if r["policy"] == "deadline"]
+    # A throttled window: the arrivals are what the old budgets let through, not the demand
+    # (under closed-loop load every thread of the pipeline sees the same capped rate). Give
+    # every deadline thread at least its share of the admitted bandwidth in proportion to the
+    # CPU it used per second (its cost per request), so that no thread is the bottleneck.
+    fill = any(r["throttled"] for r in dl) and limit != float("inf")
+    use_total = sum(r["use_share"] for r in dl)
+    for r in dl:
+        r["fill_runtime_ns"] = 0
+        if fill and use_total > 0:
+            r["fill_runtime_ns"] = _round_us(r["use_share"] / use_total * limit * period, min_runtime_ns,
+                                             period, up=False)
+            r["want_runtime_ns"] = max(r["want_runtime_ns"], r["fill_runtime_ns"])
     wanted = sum(r["want_runtime_ns"] / period for r in dl)
     need_bw = sum(r["need_runtime_ns"] / period for r in dl)
     fitted, factor = None, 1.0
@@ -399,7 +458,7 @@ def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_
             factor = (limit - need_bw) / excess if excess > 0 else 0.0
             for r in dl:
                 v = r["need_runtime_ns"] + factor * (r["want_runtime_ns"] - r["need_runtime_ns"])
-                runtimes[r["thread"]] = max(min_runtime_ns, int(v // NS_PER_US) * NS_PER_US)
+                runtimes[r["thread"]] = _round_us(v, min_runtime_ns, period, up=False)
         elif floor_bw <= limit:
             fitted = "scaled"
             # One factor on the needs, solved with the 20us floor taken into account.
@@ -410,8 +469,7 @@ def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_
                 lo, hi = (mid, hi) if s <= limit else (lo, mid)
             factor = lo
             for r in dl:
-                v = max(min_runtime_ns, r["need_runtime_ns"] * factor)
-                runtimes[r["thread"]] = max(min_runtime_ns, int(v // NS_PER_US) * NS_PER_US)
+                runtimes[r["thread"]] = _round_us(r["need_runtime_ns"] * factor, min_runtime_ns, period, up=False)
         else:
             raise TuneError(
                 f"{len(dl)} deadline threads at the minimum {format_duration(min_runtime_ns)} per "
@@ -438,7 +496,7 @@ def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_
            "limit": limit, "rows": rows, "wanted_bandwidth": wanted, "need_bandwidth": need_bw,
            "bandwidth_before": sum(r["before"]["bandwidth"] for r in dl),
            "bandwidth_after": after_bw, "fitted": fitted, "fit_factor": factor,
-           "feasible": need_bw <= limit, "latency_target_ns": latency_target_ns}
+           "feasible": need_bw <= limit, "latency_target_ns": latency_target_ns, "filled": fill}
     out["advice"] = advice(out, window)
     return out
 
@@ -508,9 +566,11 @@ def advice(prop, window):
     throttled = [r["thread"] for r in prop["rows"] if r["throttled"]]
     if throttled:
         lines.append(
-            f"note: threads {', '.join(throttled)} overran their runtime during the window (throttled): "
-            f"their CPU share was capped by the old budget and their service times include throttled "
-            f"time. Apply the proposal and run the tuner again to refine it.")
+            f"note: threads {', '.join(throttled)} were throttled during the window (overruns, or CPU "
+            f"at {100 * THROTTLED_SHARE:.0f} % of the budget or more): the measured rates are what the old "
+            f"budgets let through, not the demand. Each deadline thread was given at least its share of "
+            f"the admitted bandwidth in proportion to the CPU it used per second (the 'fill'). Apply the "
+            f"proposal, run the load again and run the tuner again to trim the budgets to the demand.")
     fb = [t["name"] for t in window["threads"] if t.get("fallback")]
     if fb:
         lines.append(f"note: threads {', '.join(fb)} fell back to policy other (the kernel refused "

@@ -63,9 +63,10 @@ function fmtRate(r) {
 function fmtShort(n) {
   if (n == null || !isFinite(n)) return '–';
   const a = Math.abs(n);
-  if (a >= 1e6) return (n / 1e6).toFixed(a >= 1e7 ? 0 : 1) + 'M';
-  if (a >= 1e3) return (n / 1e3).toFixed(a >= 1e4 ? 0 : 1) + 'k';
-  if (a >= 10 || a === 0) return String(Math.round(n));
+  const trim = (x) => x.replace(/\.0$/, '');
+  if (a >= 1e6) return trim((n / 1e6).toFixed(a >= 1e7 ? 0 : 1)) + 'M';
+  if (a >= 1e3) return trim((n / 1e3).toFixed(a >= 1e4 ? 0 : 1)) + 'k';
+  if (a >= 10 || Number.isInteger(n)) return String(Math.round(n));
   return n.toFixed(1);
 }
 
@@ -178,8 +179,6 @@ function derive(cur, prev) {
     const deadline = t.policy_in_force === 'deadline' && t.bandwidth > 0;
     const budget = deadline ? t.bandwidth : 1;
     out.threads[t.name] = {
-      cpu,
-      budget,
       util: cpu == null ? null : cpu / budget,
       overruns: Math.max(0, t.overruns - p.overruns) / dt,
       queueFull: Math.max(0, t.queue_full_total - p.queue_full_total) / dt,
@@ -196,9 +195,10 @@ function derive(cur, prev) {
   const sends = stagesOfType(cur, 'send');
   const pSends = sends.map((s) => pStages[s.name]);
   const rate = (key) => Math.max(0, sumExtra(sends, key) - sumExtra(pSends, key)) / dt;
-  out.r2xx = rate('responses_2xx_total') + rate('responses_1xx_total') + rate('responses_3xx_total');
+  out.r2xx = rate('responses_2xx_total');
   out.r4xx = rate('responses_4xx_total');
-  out.r5xx = rate('responses_5xx_total') + rate('responses_other_total');
+  out.r5xx = rate('responses_5xx_total');
+  out.responses = ['other', '1xx', '2xx', '3xx', '4xx', '5xx'].reduce((a, c) => a + rate(`responses_${c}_total`), 0);
   const lat = { counts: new Map(), total: 0 };
   sends.forEach((s, k) => {
     const d = histDelta(findHist(s, 'request_seconds'), findHist(pSends[k], 'request_seconds'));
@@ -214,7 +214,7 @@ function derive(cur, prev) {
 // Per Python route: calls/s, errors/s, handler p99 over the interval, budget kills so far.
 function deriveRoutes(cur, pStages, dt, bounds) {
   const routes = {};
-  const get = (r) => (routes[r] = routes[r] || { route: r, calls: 0, rate: 0, errors: 0, kills: 0, hist: null });
+  const get = (r) => (routes[r] = routes[r] || { route: r, calls: 0, rate: 0, errors: 0, kills: 0, p99: null });
   for (const s of stagesOfType(cur, 'python')) {
     const p = pStages[s.name];
     const before = {};
@@ -288,7 +288,8 @@ function buildThread(t, stagesByName) {
   e.root = h('div', { class: 'thread', data: { thread: t.name } },
     h('div', { class: 'thread-head' },
       h('span', { class: 'thread-name', text: t.name, title: 'thread' + (t.main_thread ? ' (the process main thread)' : '') }),
-      e.policy, e.budget, e.fallback),
+      e.fallback),
+    h('div', { class: 'thread-sched' }, e.policy, e.budget),
     inner,
     h('div', { class: 'thread-foot' },
       h('div', { class: 'queue', title: 'input queue: items waiting / capacity' },
@@ -321,15 +322,21 @@ function renderPipeline(stats, d) {
     const deadline = t.policy_in_force === 'deadline';
     setText(e.policy, t.policy_in_force + (t.wait_in_force && t.wait_in_force !== 'block' ? ' · ' + t.wait_in_force : ''));
     e.policy.className = 'policy ' + (deadline ? 'deadline' : 'other');
-    setText(e.budget, deadline ? `${fmtSpan(t.runtime_ns)}/${fmtSpan(t.period_ns)}` : t.policy === 'deadline' ? `asked ${fmtSpan(t.runtime_ns)}/${fmtSpan(t.period_ns)}` : t.nice ? `nice ${t.nice}` : '');
-    e.budget.title = deadline ? `SCHED_DEADLINE runtime / period: ${(t.bandwidth * 100).toFixed(0)} % of a CPU` : 'no reserved bandwidth: measured against one CPU';
+    const asked = t.policy === 'deadline';
+    setText(e.budget, asked ? `${fmtSpan(t.runtime_ns)}/${fmtSpan(t.period_ns)}` : t.nice ? `nice ${t.nice}` : '');
+    e.budget.classList.toggle('refused', asked && !deadline);
+    e.budget.title = deadline ? `SCHED_DEADLINE runtime / period: ${(t.bandwidth * 100).toFixed(0)} % of a CPU`
+      : asked ? 'runtime / period asked for and refused: runs under SCHED_OTHER, measured against one CPU'
+      : 'no reserved bandwidth: measured against one CPU';
     e.fallback.hidden = !t.fallback;
     e.fallback.title = t.fallback || '';
     e.root.classList.toggle('has-fallback', !!t.fallback);
     const fill = t.queue_capacity ? t.queue_depth / t.queue_capacity : 0;
     e.queueFill.style.width = (Math.min(1, fill) * 100).toFixed(1) + '%';
     e.queueFill.style.background = utilColor(fill * 1.2);
-    setText(e.queueText, `${t.queue_depth} / ${t.queue_capacity}`);
+    const full = dt && dt.queueFull > 0 ? ` · full ${fmtRate(dt.queueFull)}/s` : '';
+    setText(e.queueText, `${t.queue_depth} / ${t.queue_capacity}${full}`);
+    e.queueText.classList.toggle('hot', !!full);
     const over = dt ? dt.overruns : null;
     setText(e.overruns, over == null ? 'overruns –' : `overruns ${fmtRate(over)}/s`);
     e.overruns.classList.toggle('hot', over > 0);
@@ -367,10 +374,11 @@ function drawSpark(e, values) {
 
 // --- charts --------------------------------------------------------------------------------
 
-function niceMax(v) {
-  if (!(v > 0)) return 1;
-  const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+// A round step for about four grid lines up to v: 1, 2 or 5 times a power of ten.
+function niceStep(v) {
+  const raw = v / 4;
+  const p = Math.pow(10, Math.floor(Math.log10(raw)));
+  for (const m of [1, 2, 5]) if (m * p >= raw) return m * p;
   return 10 * p;
 }
 
@@ -383,7 +391,7 @@ function drawChart(el, series, { log = false, fmt = fmtShort, floor = 1 } = {}) 
   const hist = state.history;
   const now = hist.length ? hist[hist.length - 1].t : Date.now() / 1000;
   const x = (t) => L + ((t - (now - HISTORY_S)) / HISTORY_S) * (W - L - R);
-  let lo, hi;
+  let lo, hi, step;
   const vals = [];
   for (const p of hist) for (const s of series) if (p.ok && p[s.key] != null) vals.push(p[s.key]);
   if (log) {
@@ -393,7 +401,8 @@ function drawChart(el, series, { log = false, fmt = fmtShort, floor = 1 } = {}) 
     if (hi / lo < 100) lo = hi / 100;
   } else {
     lo = 0;
-    hi = niceMax(Math.max(...vals, floor));
+    step = niceStep(Math.max(...vals, floor));
+    hi = Math.ceil(Math.max(...vals, floor) / step) * step;
   }
   const y = log
     ? (v) => T + (1 - (Math.log10(Math.max(v, lo)) - Math.log10(lo)) / (Math.log10(hi) - Math.log10(lo))) * (H - T - B)
@@ -401,7 +410,7 @@ function drawChart(el, series, { log = false, fmt = fmtShort, floor = 1 } = {}) 
   // grid and axis labels
   const ticks = [];
   if (log) for (let v = lo; v <= hi * 1.001; v *= 10) ticks.push(v);
-  else for (let k = 0; k <= 4; k++) ticks.push(lo + ((hi - lo) * k) / 4);
+  else for (let k = 0; k * step <= hi + step / 2; k++) ticks.push(k * step);
   for (const v of ticks) {
     el.append(svg('line', { x1: L, x2: W - R, y1: y(v), y2: y(v), class: 'grid' }));
     const label = svg('text', { x: L - 6, y: y(v) + 4, class: 'axis', 'text-anchor': 'end' });
@@ -507,29 +516,34 @@ function renderHeader(stats, d) {
   const cpuKills = sumExtra(py, 'budget_cpu_kills_total'), memKills = sumExtra(py, 'budget_memory_kills_total');
   setText(document.getElementById('kills'), `${cpuKills} cpu · ${memKills} mem`);
   document.getElementById('kills-kpi').classList.toggle('hot', cpuKills + memKills > 0);
-  const total = d ? d.r2xx + d.r4xx + d.r5xx : null;
+  const total = d ? d.responses : null;
   setText(document.getElementById('reqs'), total == null ? '–' : fmtShort(total));
   document.title = total == null ? 'metronome' : `metronome · ${fmtShort(total)} req/s`;
   const fallbacks = stats.threads.filter((t) => t.fallback);
   const warn = document.getElementById('warnings');
   warn.hidden = !fallbacks.length;
-  setText(warn, fallbacks.map((t) => `${t.name}: ${t.fallback}`).join(' · '));
+  const why = {};
+  for (const t of fallbacks) (why[t.fallback] = why[t.fallback] || []).push(t.name);
+  setText(warn, Object.entries(why).map(([msg, names]) => `FALLBACK (${names.join(', ')}): ${msg}`).join('\n'));
 }
 
 // --- polling -------------------------------------------------------------------------------
 
 function setStatus(error) {
   const st = document.getElementById('status');
+  const banner = document.getElementById('offline');
   document.body.classList.toggle('offline', !!error);
+  banner.hidden = !error;
   if (!error) {
     setText(st, 'live');
     st.className = 'status live';
-    st.title = '';
     return;
   }
-  const since = state.lastOk ? ` (last data ${Math.round((Date.now() - state.lastOk) / 1000)} s ago)` : '';
-  setText(st, `offline: ${error.message || error} — retrying${since}`);
+  const msg = error.message || String(error);
+  setText(st, `offline: ${msg}`);
   st.className = 'status down';
+  const since = state.lastOk ? `; the figures below are from ${new Date(state.lastOk).toLocaleTimeString()}` : '';
+  setText(banner, `No answer from the server (${msg})${since}. Retrying every second…`);
 }
 
 function update(stats) {

@@ -208,7 +208,8 @@ class CliTest(unittest.TestCase):
             self.assertIn(f"127.0.0.1:{port}", p.stdout + p.stderr)
             self.assertIn("Address already in use", p.stdout + p.stderr)
             # The same through --listen.
-            p = run("serve", "-c", DEFAULT_CONFIG, "--listen", f"127.0.0.1:{port}", timeout=30)
+            path = self.write("server:\n  listen: 127.0.0.1:0\n" + NATIVE_PIPELINE)
+            p = run("serve", "-c", path, "--listen", f"127.0.0.1:{port}", timeout=30)
             self.assertNotEqual(p.returncode, 0, p)
             self.assertIn(f"127.0.0.1:{port}", p.stdout + p.stderr)
 
@@ -219,7 +220,7 @@ class CliTest(unittest.TestCase):
         self.assertIn(f"{path}:2: server.backlog", p.stderr)
 
     def test_serve_bad_listen_address(self):
-        p = run("serve", "-c", DEFAULT_CONFIG, "--listen", "nohost", timeout=30)
+        p = run("serve", "-c", self.write(NATIVE_PIPELINE), "--listen", "nohost", timeout=30)
         self.assertEqual(p.returncode, 1, p)
         self.assertIn("server.listen", p.stderr)
         self.assertIn("nohost", p.stderr)

@@ -361,6 +361,21 @@ limits:
         self.assertTrue(served(self.server, "/users/1", b"user"))
         self.assertSettled()
 
+    # A reproduction for a rare leak (reported): a client that resets while a large response is
+    # being written (a partial write is pending) is, about once in a thousand or two connections,
+    # never closed: accept's multishot recv for it stays armed forever. Thousands of connections:
+    # run with METRONOME_E2E_STRESS=1.
+    @unittest.skipUnless(os.environ.get("METRONOME_E2E_STRESS"), "set METRONOME_E2E_STRESS=1")
+    def test_reset_during_response_stress(self):
+        for i in range(500):
+            for _ in range(10):
+                s = self.server.connect()
+                s.sendall(request("GET", "/big") * 3)
+                rst_close(s)
+            self.assertEqual(settled_fd_count(self.server, self.baseline, timeout=3), self.baseline,
+                             f"leaked after {10 * (i + 1)} connections")
+        self.assertSettled()
+
     def test_reset_with_pipelined_requests_unanswered(self):
         for _ in range(10):
             s = self.server.connect()
@@ -684,15 +699,16 @@ class DefaultConfigTest(unittest.TestCase):
             return f.read()
 
     def pipeline(self):
-        """[(thread name, policy)] from configs/default.yaml's pipeline entries."""
-        out = []
+        """[(thread name, policy)] from configs/default.yaml's pipeline entries. Stages sharing a
+        `thread:` run on one thread, whose scheduling keys are on its first stage."""
+        out = {}
         body = self.read_config().split("\npipeline:", 1)[1]
         for m in re.finditer(r"^\s*-\s*\{(.*)\}\s*(#.*)?$", body, re.M):
             keys = dict(kv.split(":", 1) for kv in re.split(r",\s*", m.group(1)))
             keys = {k.strip(): v.strip() for k, v in keys.items()}
-            name = keys.get("thread") or keys.get("name") or keys["stage"]
-            out.append((name[:15], keys.get("policy", "other")))
-        return out
+            name = (keys.get("thread") or keys.get("name") or keys["stage"])[:15]
+            out.setdefault(name, keys.get("policy", "other"))
+        return list(out.items())
 
     @staticmethod
     def foreign_deadline_threads(own_pid=None):
@@ -717,7 +733,9 @@ class DefaultConfigTest(unittest.TestCase):
         stages = self.pipeline()
         self.assertGreaterEqual(len(stages), 5)
         foreign = self.foreign_deadline_threads()
-        with Server(config_file=os.path.join(ROOT, "configs", "default.yaml")) as server:
+        # The default config's admin listener has a fixed port: move it out of the way.
+        args = ("--admin", "127.0.0.1:0") if "\nadmin:" in self.read_config() else ()
+        with Server(config_file=os.path.join(ROOT, "configs", "default.yaml"), args=args) as server:
             # It serves its first native route (every lane has started by then).
             m = re.search(r"^\s*-\s*\{path:\s*([^,\s]+).*body:\s*\"([^\"]*)\"", self.read_config(), re.M)
             if m:
