@@ -118,8 +118,8 @@ int Serve(const Args& args) {
     LOG_ERROR("%s", std::string(s.message()).c_str());
     return 1;
   }
-  if (pipeline->items_abandoned() > 0) {
-    LOG_ERROR("stopped with %llu items abandoned by the drain timeout",
+  if (pipeline->drain_timed_out()) {
+    LOG_ERROR("stopped by the drain timeout with %llu items abandoned (see the lines above for busy stages)",
               static_cast<unsigned long long>(pipeline->items_abandoned()));
     return 1;
   }

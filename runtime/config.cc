@@ -47,8 +47,12 @@ void ConfigDoc::AddError(const YAML::Node& node, absl::string_view path, absl::s
 
 void ConfigDoc::AddErrorAtLine(int line, absl::string_view path, absl::string_view message) {
   std::string where = line > 0 ? absl::StrCat(source_, ":", line) : source_;
-  errors_.push_back(path.empty() ? absl::StrCat(where, ": ", message)
-                                 : absl::StrCat(where, ": ", path, ": ", message));
+  std::string error = path.empty() ? absl::StrCat(where, ": ", message) : absl::StrCat(where, ": ", path, ": ", message);
+  // Sections read by several stages (server:, limits:) would report the same error each time.
+  for (const std::string& e : errors_) {
+    if (e == error) return;
+  }
+  errors_.push_back(std::move(error));
 }
 
 void ConfigDoc::CheckUnknownKeys() { CheckNode(root_, ""); }

@@ -391,6 +391,7 @@ class Lane {
       if (!p_->stages_[s]->Idle()) busy.push_back(p_->stage_specs_[s].name);
     }
     p_->abandoned_.fetch_add(left);
+    p_->drain_timed_out_.store(true);
     LOG_ERROR("thread '%s': drain timed out after %s with %llu queued items%s%s", spec_.name.c_str(),
               FormatDuration(p_->options_.drain_timeout_ns).c_str(),
               static_cast<unsigned long long>(left), busy.empty() ? "" : "; still busy: ",
@@ -673,7 +674,7 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Build(ConfigDoc& doc,
   }
   if (p->bandwidth_ > p->admission_.cpus + 1e-9) {
     doc.AddErrorAtLine(
-        0, "pipeline",
+        entries.front().line(), "pipeline",
         absl::StrFormat("deadline bandwidth %.3f CPUs exceeds the %.2f CPUs the kernel admits "
                         "(%s). Per thread: %s. Lower runtime/period, or put stages on fewer "
                         "threads (same `thread:`)",

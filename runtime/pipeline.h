@@ -130,6 +130,8 @@ class Pipeline {
   const RuntimeOptions& options() const { return options_; }
   // Items left in queues and outboxes when a drain timed out (0 after a clean drain).
   uint64_t items_abandoned() const { return abandoned_.load(); }
+  // True when the drain timeout cut the drain short (items abandoned or stages still busy).
+  bool drain_timed_out() const { return drain_timed_out_.load(); }
 
  private:
   friend class Lane;
@@ -155,6 +157,7 @@ class Pipeline {
   std::atomic<bool> failed_{false};
   std::atomic<int64_t> stop_time_ns_{0};
   std::atomic<uint64_t> abandoned_{0};
+  std::atomic<bool> drain_timed_out_{false};
 
   // Start-up handshake only (never on the data path).
   std::mutex start_mu_;

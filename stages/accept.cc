@@ -61,11 +61,12 @@ absl::Status AcceptStage::Start(StageEnv& env) {
   live_ = std::vector<uint8_t>(config_.max_connections, 0);
   rearm_.reserve(config_.max_connections);
   overflow_.reserve(config_.recv_buffers + config_.max_connections);
+  constexpr absl::string_view kRejectBody = "server at max_connections; retry later\n";
   reject_response_ = absl::StrCat(
       "HTTP/1.1 503 Service Unavailable\r\nServer: ", config_.server_name,
       "\r\nRetry-After: ", config_.retry_after_s,
-      "\r\nContent-Type: text/plain\r\nContent-Length: 40\r\nConnection: close\r\n\r\n"
-      "server at max_connections; retry later\n");
+      "\r\nContent-Type: text/plain\r\nContent-Length: ", kRejectBody.size(),
+      "\r\nConnection: close\r\n\r\n", kRejectBody);
 
   // The listening socket.
   sockaddr_storage addr{};

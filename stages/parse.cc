@@ -124,8 +124,10 @@ void ParseStage::Forget(Conn* c) {
   }
   c->pending = c->pending_tail = nullptr;
   if (c->current != nullptr) {
+    // Its body never arrived: it never left parse, so send must not wait for its response.
     shared_->requests.Give(c->current, *giver_);
     c->current = nullptr;
+    --c->next_seq;
     abandoned_.Add();
   }
   c->carry.clear();

@@ -212,6 +212,12 @@ void SendStage::OnWritten(Conn* c, int res) {
     write_errors_.Add();
     c->peer_gone = true;
     DropAll(c);
+    // Make sure the read side ends too (accept's recv completes, kClosed follows), whatever the
+    // peer's state: a reset peer does not always wake a pending multishot recv.
+    if (!c->shut) {
+      ::shutdown(shared_->conns.fd(c->id), SHUT_RDWR);
+      c->shut = true;
+    }
     return;
   }
   bytes_out_.Add(static_cast<uint64_t>(res));

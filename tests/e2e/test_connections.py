@@ -325,10 +325,9 @@ limits:
             rst_close(s)
         self.assertSettled()
 
-    # BUG (reported): a connection that ends (RST or FIN) while its request body is arriving is
-    # never closed by the server: parse counts the abandoned request in requests_issued, send
-    # waits for its response forever, and the fd and the connection slot leak.
-    @unittest.expectedFailure
+    # A connection that ends (RST or FIN) while its request body is arriving: the abandoned
+    # request must not be counted as issued, or send waits for its response forever and the fd
+    # and the slot leak (a bug found and fixed).
     def test_reset_during_partial_body(self):
         for i in range(20):
             s = self.server.connect()
@@ -339,7 +338,6 @@ limits:
             rst_close(s)
         self.assertSettled()
 
-    @unittest.expectedFailure  # BUG (reported): same as test_reset_during_partial_body
     def test_close_during_partial_body(self):
         for _ in range(10):
             s = self.server.connect()
@@ -525,8 +523,7 @@ class MaxConnectionsTest(unittest.TestCase):
         held.append(self.accepted_again())
         self.assert_rejected()
 
-    # BUG (reported): accept.cc's canned 503 says Content-Length: 40 for a 39-byte body.
-    @unittest.expectedFailure
+    # The canned 503 past max_connections: its Content-Length must match its body.
     def test_503_content_length_matches_its_body(self):
         for _ in range(self.MAX):
             self.hold()
@@ -545,9 +542,8 @@ class MaxConnectionsTest(unittest.TestCase):
                 s.close()
             self.accepted_again().close()
 
-    # BUG (reported): a connection that ends in the middle of a request body never gives its
-    # slot back; after max_connections of them every new connection gets the 503.
-    @unittest.expectedFailure
+    # Connections that end in the middle of a request body give their slots back (else after
+    # max_connections of them every new connection would get the 503).
     def test_aborted_uploads_give_their_slots_back(self):
         # Clients that go away in the middle of a request body (FIN or RST) must not keep a slot.
         for i in range(2 * self.MAX):
@@ -623,9 +619,7 @@ class ShutdownTest(unittest.TestCase):
         self.assertTrue(still_open(r, 0.2))  # the server has taken the partial head in
         self.assert_quick_clean_exit(server)
 
-    # BUG (reported): the connection in the middle of a body is never closed (see
-    # ConnectionsTest.test_close_during_partial_body), so the drain waits for its whole timeout.
-    @unittest.expectedFailure
+    # A connection in the middle of a body must not hold the drain for its whole timeout.
     def test_sigterm_with_partial_request_body(self):
         server = self.start("runtime:\n  drain_timeout: 3s\n")
         r = self.idle_connection(server)
