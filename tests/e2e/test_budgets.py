@@ -71,19 +71,23 @@ class CpuBudget(unittest.TestCase):
             self.assertEqual(r.status, 503, r)
             self.assertEqual(r.header("metronome-budget"), "cpu")
             self.assertIn(b"cpu budget", r.body)
-            # The handler asked for 200 ms; the budget is 50 ms: stopped at 50 ms + a margin.
+            # The handler asks for 1 s; the 50 ms budget stops it. The bound is loose on purpose
+            # (a loaded CI machine): it proves the handler was cut short, the benchmark measures
+            # how soon (perf/bench_isolation.py).
             self.assertGreaterEqual(elapsed, 0.050)
-            self.assertLess(elapsed, 0.150, f"503 came {elapsed * 1000:.1f} ms after the request")
+            self.assertLess(elapsed, 0.5, f"503 came {elapsed * 1000:.1f} ms after the request")
+            used = float(re.search(r"exceeded its cpu budget \(50ms\) after ([\d.]+)ms", srv.read_log()).group(1))
+            self.assertLess(used, 100, "the server measured the handler past twice its budget")
             r, _ = get(srv, "/json")
             self.assertEqual(r.status, 200)
             self.assertEqual(json.loads(r.body), {"message": "Hello, World!"})
             self.assertIn("exceeded its cpu budget (50ms)", srv.read_log())
 
     def test_hog_on_main_lane(self):  # Py_AddPendingCall + SIGUSR2
-        self.check_hog("/hog-light?ms=200", "")
+        self.check_hog("/hog-light?ms=1000", "")
 
     def test_hog_on_heavy_lane(self):  # PyThreadState_SetAsyncExc under the GIL
-        self.check_hog("/hog?ms=200", HEAVY_LANE)
+        self.check_hog("/hog?ms=1000", HEAVY_LANE)
 
     def test_within_budget_is_not_stopped(self):
         with Server(budget_config()) as srv:
@@ -96,7 +100,7 @@ class CpuBudget(unittest.TestCase):
             self.assertEqual(r.status, 503)
             self.assertEqual(r.header("metronome-budget"), "cpu")
             self.assertNotIn(b"pretend", r.body)
-            self.assertLess(elapsed, 0.150)
+            self.assertLess(elapsed, 0.45)  # the handler would burn 500 ms
 
     def test_finally_blocks_run(self):
         with Server(budget_config()) as srv:
@@ -111,11 +115,11 @@ class CpuBudget(unittest.TestCase):
             r, elapsed = get(srv, "/budget-20ms")
             self.assertEqual(r.status, 503)
             self.assertGreaterEqual(elapsed, 0.020)
-            self.assertLess(elapsed, 0.045)
+            self.assertLess(elapsed, 0.150)  # the handler would burn 200 ms
             r, elapsed = get(srv, "/budget-yaml")
             self.assertEqual(r.status, 503)
             self.assertGreaterEqual(elapsed, 0.030)
-            self.assertLess(elapsed, 0.045)
+            self.assertLess(elapsed, 0.150)
             log = srv.read_log()
             self.assertIn("GET /budget-20ms exceeded its cpu budget (20ms)", log)
             self.assertIn("GET /budget-yaml exceeded its cpu budget (30ms)", log)
@@ -129,7 +133,7 @@ class CpuBudget(unittest.TestCase):
     def test_kills_counted_per_route(self):
         with Server(budget_config()) as srv:
             for _ in range(2):
-                get(srv, "/hog-light?ms=200")
+                get(srv, "/hog-light?ms=1000")
             stats = admin_stats(srv)
             self.assertEqual(stage_extra(stats, "python", "budget_cpu_kills_total"), 2)
             py = [s for s in stats["stages"] if s["name"] == "python"][0]
@@ -233,7 +237,7 @@ class StuckInC(unittest.TestCase):
             for _ in range(20):
                 r, elapsed = get(srv, "/native")
                 self.assertEqual(r.status, 200)
-                self.assertLess(elapsed, 0.1)
+                self.assertLess(elapsed, 0.25)  # the stuck handler takes seconds
             t.join()
             # The budget fired; the C call could only notice it when it returned.
             self.assertEqual(result["r"].status, 503)
