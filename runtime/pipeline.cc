@@ -416,11 +416,14 @@ class Lane {
     saw_stop_ = p_->stop_requested();
     switch (wait_) {
       case WaitMode::kSpin:
+        // With DEFER_TASKRUN, completions exist only once this thread asks the kernel for them.
+        if (spec_.needs_ring) io_uring_get_events(ring_.raw());
         __builtin_ia32_pause();
         return;
       case WaitMode::kYield:
         stats_.yields.Add();
         sched_yield();
+        if (spec_.needs_ring) io_uring_get_events(ring_.raw());
         return;
       case WaitMode::kBlock:
         break;

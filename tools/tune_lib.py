@@ -36,8 +36,13 @@ GRID_MANTISSAS = (1.0, 2.0, 2.5, 5.0)
 ADMISSION_MARGIN = 0.01
 # A deadline thread that used this share of its bandwidth (or overran) was throttled.
 THROTTLED_SHARE = 0.9
-# A thread that overran gets at least this many times its old bandwidth.
+# A thread that overran at less than half of its bandwidth gets this many times its old runtime.
 OVERRUN_BOOST = 2.0
+# Overruns below this rate (per second) are reported but taken for noise (a stray interrupt).
+OVERRUN_NOISE = 0.5
+# The fill of a throttled window: this share of the admitted bandwidth is split equally, the rest
+# in proportion to the CPU each thread used.
+FILL_EQUAL = 0.5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -324,17 +329,28 @@ on one lane (the pair using the least CPU first) or which thread to give less, a
 proposal: first the headroom above each need shrinks (the same share on every thread); if the
 needs alone do not fit, every need is scaled by one factor (never below 20us): such a proposal
 cannot carry the measured load, and the tuner says so.
-Throttled threads: a deadline thread that overran its runtime in the window, or used 90 % of its
-bandwidth or more, was throttled: its CPU share was capped by the old budget, its service times
+Throttled threads: a deadline thread that overran its runtime in the window (0.5 times a second
+or more; fewer are taken for noise), or used 90 % of its bandwidth or more, was throttled: its CPU share was capped by the old budget, its service times
 and busy time include the time it spent throttled, and under closed-loop load every thread of
 the pipeline saw the rate the throttled one let through, not the demand. Then
-  need     = the largest of its CPU share x period, p50 service x arrivals per period, and,
-             if it overran, 2 x its old bandwidth x period (overruns show the old runtime was
-             short of its bursts); runtime = headroom x that need
-  fill     = every deadline thread gets at least (admitted - 1 %) x period x use / total use,
-             use = max(CPU share, p50 service x arrivals/s): the admitted bandwidth shared in
-             proportion to each thread's cost per request, so that no thread stays the
-             bottleneck; the admission fit above then applies.
+  need     = the larger of its CPU share x period and p50 service x arrivals per period;
+             runtime = headroom x that need, and, if it overran at less than half of its
+             bandwidth (short of runtime per period for its bursts, not of bandwidth), at
+             least twice its old runtime (this extra is the first to go in the admission fit)
+  fill     = every deadline thread gets at least (admitted - 1 %) x period x weight,
+             weight = 1/2 x use / total use + 1/2 x 1 / (deadline threads),
+             use = max(CPU share, p50 service x arrivals/s): half the admitted bandwidth shared
+             in proportion to each thread's cost per request, half equally (every thread also
+             pays for wake-ups and interrupts charged to it, whatever its average), so that no
+             thread stays the bottleneck; the admission fit above then applies.
+Short periods: a thread's runtime per period must also cover its bursts (a clump of wake-ups,
+interrupt time charged to it). A thread that overran at less than half of its bandwidth was
+short of runtime per period, not of bandwidth: the tuner says so; a longer period (a longer
+--latency-target) gives it more runtime per period at the same bandwidth.
+Closed-loop load (wrk, or metronome-load without --rate) speeds up until the machine is busy:
+tuned budgets raise the throughput until the threads are CPU-bound and some overrun again. The
+tuner then says the needs do not fit (group stages on fewer threads, or cap the load); budgets
+are sized for an offered load (metronome-load --rate R).
 Run the load and the tuner again on the new budgets: an unthrottled window sizes every thread to
 its measured demand, and a thread that still overruns gets more."""
 
@@ -367,9 +383,9 @@ def thread_need_ns(thread, stages, period_ns):
 
     parts: items_p99 (sum of p99 service x arrivals per period), cpu (CPU share x period),
     busy (busy share x period), items_p50 (p50 service x arrivals per period), use (CPU per
-    second: max of the CPU share and the p50 work), boost (after overruns: twice the old
-    bandwidth x period), throttled (bool), and robust (the need of a throttled thread: the
-    measures that throttling does not inflate)."""
+    second: max of the CPU share and the p50 work), bursty (it overran at less than half of its
+    bandwidth), boost (then: twice its old runtime), throttled (bool), and robust (the need of a
+    throttled thread: the measures that throttling does not inflate)."""
     items = items50 = busy = 0.0
     for name in thread["stages"]:
         s = stages.get(name)
@@ -381,13 +397,16 @@ def thread_need_ns(thread, stages, period_ns):
         busy += s["busy_share"] * period_ns
     cpu = (thread["cpu_share"] or 0.0) * period_ns
     in_force = thread.get("policy_in_force", thread["policy"]) == "deadline"
-    overran = in_force and thread["overruns"] > 0
+    overran = in_force and thread["overruns"] >= OVERRUN_NOISE
     saturated = in_force and thread["cpu_share"] is not None and thread["bandwidth"] > 0 and \
         thread["cpu_share"] >= THROTTLED_SHARE * thread["bandwidth"]
-    boost = OVERRUN_BOOST * thread["bandwidth"] * period_ns if overran else 0.0
+    # Overruns at less than half of the bandwidth: the runtime per period was short of the
+    # thread's bursts, not of its load: ask twice the old runtime (absolute).
+    bursty = overran and thread["cpu_share"] is not None and thread["cpu_share"] < 0.5 * thread["bandwidth"]
+    boost = min(period_ns, OVERRUN_BOOST * thread["runtime_ns"]) if bursty else 0.0
     parts = {"items_p99": items, "items_p50": items50, "cpu": cpu, "busy": busy, "boost": boost,
-             "use": max(cpu, items50) / period_ns, "throttled": overran or saturated}
-    parts["robust"] = max(cpu, items50, boost)
+             "bursty": bursty, "use": max(cpu, items50) / period_ns, "throttled": overran or saturated}
+    parts["robust"] = max(cpu, items50)
     need = parts["robust"] if parts["throttled"] else max(items, cpu, busy)
     return need, parts
 
@@ -423,14 +442,16 @@ def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_
                "p99_ns": _sum_or_none([stages[s]["p99_ns"] for s in t["stages"] if s in stages]),
                "batches": sum(stages[s]["batches"] for s in t["stages"] if s in stages),
                "throttled": False, "after": None}
+        row["bursty"] = False
         if t["policy"] == "deadline":
             need, parts = thread_need_ns(t, stages, period)
             # A throttled thread's p99 service and busy time include the time it was throttled:
             # only the measures that throttling does not inflate count (its need).
             rule = need if parts["throttled"] else max(parts["items_p99"], parts["cpu"], parts["busy"])
             row.update(need_ns=need, need_parts=parts, throttled=parts["throttled"], use_share=parts["use"],
+                       bursty=parts["bursty"],
                        need_runtime_ns=_round_us(need, min_runtime_ns, period),
-                       want_runtime_ns=_round_us(max(headroom * rule, need), min_runtime_ns, period))
+                       want_runtime_ns=_round_us(max(headroom * rule, need, parts["boost"]), min_runtime_ns, period))
         rows.append(row)
     dl = [r for r in rows if r["policy"] == "deadline"]
     # A throttled window: the arrivals are what the old budgets let through, not the demand
@@ -442,8 +463,8 @@ def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_
     for r in dl:
         r["fill_runtime_ns"] = 0
         if fill and use_total > 0:
-            r["fill_runtime_ns"] = _round_us(r["use_share"] / use_total * limit * period, min_runtime_ns,
-                                             period, up=False)
+            weight = (1 - FILL_EQUAL) * r["use_share"] / use_total + FILL_EQUAL / len(dl)
+            r["fill_runtime_ns"] = _round_us(weight * limit * period, min_runtime_ns, period, up=False)
             r["want_runtime_ns"] = max(r["want_runtime_ns"], r["fill_runtime_ns"])
     wanted = sum(r["want_runtime_ns"] / period for r in dl)
     need_bw = sum(r["need_runtime_ns"] / period for r in dl)
@@ -571,6 +592,18 @@ def advice(prop, window):
             f"budgets let through, not the demand. Each deadline thread was given at least its share of "
             f"the admitted bandwidth in proportion to the CPU it used per second (the 'fill'). Apply the "
             f"proposal, run the load again and run the tuner again to trim the budgets to the demand.")
+    bursty = [r for r in prop["rows"] if r["bursty"]]
+    if bursty:
+        lines.append(
+            "note: " + ", ".join(f"{r['thread']} overran {r['overruns']:.1f}/s at {100 * r['cpu_share']:.1f} % of "
+                                 f"a CPU with {100 * r['before']['bandwidth']:.0f} % reserved "
+                                 f"({format_duration(r['before']['runtime_ns'])}/{format_duration(r['before']['period_ns'])})"
+                                 for r in bursty)
+            + ": short of runtime per period for their bursts, not of bandwidth. The proposal asks twice "
+              "their old runtime" + (" (cut by the admission fit)" if prop["fitted"] else "")
+            + f"; a longer period gives more runtime per period at the same bandwidth: e.g. "
+              f"--latency-target {format_duration(2 * prop['latency_target_ns'])} "
+              f"(periods of {format_duration(choose_period_ns(2 * prop['latency_target_ns'], prop['n_path']))}).")
     fb = [t["name"] for t in window["threads"] if t.get("fallback")]
     if fb:
         lines.append(f"note: threads {', '.join(fb)} fell back to policy other (the kernel refused "

@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -267,12 +266,50 @@ class ProposalTest(unittest.TestCase):
         self.assertGreater(rows["accept"]["after"]["runtime_ns"], rows["serialize"]["after"]["runtime_ns"])
         self.assertIn("were throttled", "\n".join(p["advice"]))
 
-    def test_overrunning_thread_gets_at_least_twice_its_old_bandwidth(self):
-        cpu = dict(self.CPU)
-        w = six_stage_window(cpu, self.SVC, rate=10000, runtime=200 * US, period=MS, overruns={"accept": 5.0})
+    def test_fill_is_half_equal_half_by_cost(self):
+        cpu = {"accept": 0.010, "parse": 0.005, "route": 0.004, "python": 0.006, "serialize": 0.003, "send": 0.018}
+        ovr = {k: 2.0 for k in SIX}
+        w = six_stage_window(cpu, self.SVC, rate=3000, runtime=20 * US, period=MS, overruns=ovr)
+        p = tl.propose(w, 30 * MS, headroom=1.5, period_limits=(100 * US, 10**9))
+        self.assertEqual(p["period_ns"], 5 * MS)
+        total = sum(max(cpu[n], 0) for n in SIX)
+        for r in p["rows"]:
+            use = r["use_share"]
+            weight = 0.5 * use / sum(x["use_share"] for x in p["rows"]) + 0.5 / 6
+            expect = weight * 1.8 * 0.99 * 5 * MS
+            self.assertAlmostEqual(r["fill_runtime_ns"], expect, delta=1000, msg=r["thread"])
+            self.assertGreaterEqual(r["after"]["runtime_ns"], r["need_runtime_ns"])
+        self.assertGreater(total, 0)
+
+    def test_bursty_overruns_are_called_out(self):
+        # 6 % of a CPU used with 30 % reserved, yet overrunning: short of runtime per period.
+        cpu = {k: 0.06 for k in SIX}
+        w = six_stage_window(cpu, self.SVC, rate=3000, runtime=75 * US, period=250 * US, overruns={"route": 4.0})
         p = tl.propose(w, 2 * MS, headroom=1.5, period_limits=(100 * US, 10**9))
-        acc = next(r for r in p["rows"] if r["thread"] == "accept")
-        self.assertGreaterEqual(acc["after"]["bandwidth"], 0.4 - 1e-9)
+        text = "\n".join(p["advice"])
+        self.assertIn("route overran 4.0/s at 6.0 % of a CPU with 30 % reserved (75us/250us)", text)
+        self.assertIn("short of runtime per period", text)
+        self.assertIn("e.g. --latency-target 4ms (periods of 500us)", text)
+        route = next(r for r in p["rows"] if r["thread"] == "route")
+        self.assertEqual(route["want_runtime_ns"], 150 * US)  # twice the old runtime...
+        # ...but all 1.8 CPUs were reserved already: the fit takes the extra from the others.
+        self.assertEqual(p["fitted"], "headroom")
+        self.assertGreater(route["after"]["runtime_ns"], 110 * US)
+        for r in p["rows"]:
+            if r["thread"] != "route":
+                self.assertLess(r["after"]["runtime_ns"], 75 * US)
+                self.assertGreaterEqual(r["after"]["runtime_ns"], r["need_runtime_ns"])
+
+    def test_saturated_thread_is_throttled_and_fill_follows_use(self):
+        # accept used 19.5 % of its 20 %: throttled (censored); the others ran free.
+        cpu = dict(self.CPU, accept=0.195)
+        w = six_stage_window(cpu, self.SVC, rate=10000, runtime=200 * US, period=MS)
+        p = tl.propose(w, 6 * MS, headroom=1.5, period_limits=(100 * US, 10**9))
+        rows = {r["thread"]: r for r in p["rows"]}
+        self.assertTrue(rows["accept"]["throttled"])
+        self.assertFalse(rows["parse"]["throttled"])
+        self.assertTrue(p["filled"])
+        self.assertGreater(rows["accept"]["after"]["bandwidth"], 0.3)
         self.assertLessEqual(p["bandwidth_after"], 1.8 * 0.99 + 1e-9)
 
     def test_refuses_when_even_the_floors_do_not_fit(self):
@@ -343,11 +380,31 @@ other:
 # --- end to end -----------------------------------------------------------------------------------
 
 # The acceptance run's load on the example app's /json handler: an open loop at a fixed rate
-# (metronome-load --rate), the load the tuner sizes the budgets for. (A closed loop would speed
-# up as soon as the budgets allow it, until some thread's bursts overrun again.)
+# (metronome-load --rate), the load the tuner sizes the budgets for. (A closed loop speeds up as
+# soon as the budgets allow it, until the threads are CPU-bound and overrun again.)
 LOAD_ARGS = os.environ.get("TUNE_TEST_LOAD", "-c 16 --rate 3000 -e python").split()
 PHASE_SECONDS = float(os.environ.get("TUNE_TEST_PHASE", "4"))
-LATENCY_TARGET = os.environ.get("TUNE_TEST_TARGET", "2ms")
+# 30ms over the six deadline threads: 5ms periods. Measured on the 2-core VM this was written on:
+# with runtimes under ~0.5ms per period (periods of 1ms and less at these bandwidths) the threads
+# overrun a few times a second whatever their headroom (bursts of wake-ups and interrupt time
+# charged to them); with 2ms periods and more, at the same bandwidth, they did not.
+LATENCY_TARGET = os.environ.get("TUNE_TEST_TARGET", "30ms")
+
+
+def foreign_deadline_tasks(own_pid):
+    """Threads of other processes under SCHED_DEADLINE: they share the admission limit."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == own_pid:
+            continue
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/sched") as f:
+                    if re.search(r"^policy\s*:\s*6$", f.read(), re.M):
+                        out.append(f"{pid}/{tid}")
+        except OSError:
+            continue
+    return out
 
 
 def admin_url(server):
@@ -405,10 +462,16 @@ class AcceptanceTest(unittest.TestCase):
         with Server(config_file=bad) as server:
             load0, before = phase(server)
             report = [describe("before", load0, before)]
-            self.assertEqual(load0["errors_total"], 0, load0)
+            self.assertEqual(load0["errors_total"], 0, load0)  # slow, but no errors
             self.assertGreater(load0["requests"], 0)
-            # The bad budgets really are bad: the threads overrun under this load.
-            self.assertGreaterEqual(before["totals"]["overruns_per_s"], 2.0, report)
+            if any(t["fallback"] for t in before["threads"]):
+                self.skipTest("the kernel refused even the bad budgets: other processes hold SCHED_DEADLINE "
+                              f"bandwidth ({len(foreign_deadline_tasks(server.pid))} threads)")
+            # The bad budgets really are bad under this load: the threads overrun (SIGXCPU comes at
+            # most once per 4ms tick that finds an overrun thread running, so 20us runs are
+            # undercounted) or the server falls behind the offered rate.
+            self.assertTrue(before["totals"]["overruns_per_s"] >= 1.0 or load0["late"] >= 0.05 * load0["requests"],
+                            report)
             tune = tool("metronome-tune", "--admin", admin_url(server), "--duration", "3s",
                         "--latency-target", LATENCY_TARGET,
                         "--load", f"http://127.0.0.1:{server.port}/json {' '.join(LOAD_ARGS)}",
@@ -437,17 +500,30 @@ class AcceptanceTest(unittest.TestCase):
         self.assertTrue(all(r >= 20 * US for r, _ in budgets.values()), budgets)
 
         with Server(config_file=tuned) as server:
+            fallbacks = [t["name"] for t in stats(server)["threads"] if t["fallback"]]
+            if fallbacks:
+                others = foreign_deadline_tasks(server.pid)
+                if others:
+                    self.skipTest(f"other processes hold SCHED_DEADLINE bandwidth ({len(others)} threads), so "
+                                  f"threads {fallbacks} of the tuned server were refused admission")
+                self.fail(f"the kernel refused the tuned budgets for {fallbacks}: {server.read_log()}")
             load1, after = phase(server)
             report.append(describe("after", load1, after))
             top = tool("metronome-top", "--admin", admin_url(server), "--once", "--interval", "200ms")
         msg = "\n".join(report)
         print("\n" + msg, file=sys.stderr)
         self.assertEqual(top.returncode, 0, top.stderr)
+        # The tuned bandwidth, live.
+        self.assertIn(f"deadline bandwidth {sum(r / p for r, p in budgets.values()):.3f} of 1.80", top.stdout)
         self.assertEqual(load1["errors_total"], 0, msg)
+        # Overruns gone (or nearly), throughput kept, and the requests no longer wait out the
+        # throttled periods.
         before_ovr = before["totals"]["overruns_per_s"]
         after_ovr = after["totals"]["overruns_per_s"]
         self.assertLessEqual(after_ovr, max(0.1 * before_ovr, 1.0), msg)
         self.assertGreaterEqual(load1["rps"], 0.9 * load0["rps"], msg)
+        self.assertLessEqual(load1["late"], 0.01 * load1["requests"], msg)
+        self.assertLess(load1["p99_ms"], load0["p99_ms"], msg)
 
 
 class ToolsTest(unittest.TestCase):
@@ -499,32 +575,34 @@ class ToolsTest(unittest.TestCase):
             self.assertEqual(budgets[r["thread"]][0], r["after"]["runtime_ns"])
 
     def test_no_load_is_an_error(self):
-        p = tool("metronome-tune", "--admin", self.admin, "--duration", "1s")
+        p = tool("metronome-tune", "--admin", self.admin, "--duration", "1s", "--latency-target", "2ms")
         self.assertEqual(p.returncode, 1)
         self.assertIn("no requests reached the pipeline", p.stderr)
 
     def test_no_admin_listener_is_an_error(self):
-        p = tool("metronome-tune", "--admin", "http://127.0.0.1:9", "--duration", "1s")
+        p = tool("metronome-tune", "--admin", "http://127.0.0.1:9", "--duration", "1s", "--latency-target", "2ms")
         self.assertEqual(p.returncode, 1)
         self.assertIn("cannot read http://127.0.0.1:9/stats", p.stderr)
         p = tool("metronome-top", "--admin", "http://127.0.0.1:9", "--once")
         self.assertEqual(p.returncode, 1)
 
     def test_config_that_does_not_match_the_server_is_refused(self):
-        other = os.path.join(self.tmp.name, "lanes.yaml")
-        with open(os.path.join(ROOT, "configs", "examples", "lanes.yaml")) as f:
-            text = f.read().replace("{stage: route,     thread: front}\n", "")
+        other = os.path.join(self.tmp.name, "other.yaml")
         with open(other, "w") as f:
-            f.write(text)
-        p = tool("metronome-tune", "--admin", self.admin, "--duration", "1s",
+            f.write("python: {app: \"examples.app:app\", path: [pyhandlers]}\npipeline:\n" +
+                    "".join(f"  - {{stage: {s}, policy: deadline, wait: block, runtime: 20us, period: 1ms}}\n"
+                            for s in SIX if s != "route"))
+        p = tool("metronome-tune", "--admin", self.admin, "--duration", "1s", "--latency-target", "2ms",
                  "--load", f"http://127.0.0.1:{self.server.port}/json -c 2 -e python",
                  "--config", other, "--write", os.path.join(self.tmp.name, "x.yaml"), "--metronome", BINARY)
         self.assertEqual(p.returncode, 1, p.stdout)
         self.assertIn("does not describe the running pipeline", p.stderr)
 
     def test_usage_errors(self):
-        for args, msg in [(["--headroom", "0.5"], "--headroom"), (["--latency-target", "50us"], "latency"),
-                          (["--duration", "soon"], "not a duration")]:
+        for args, msg in [(["--latency-target", "2ms", "--headroom", "0.5"], "--headroom"),
+                          (["--latency-target", "50us"], "latency"),
+                          (["--latency-target", "2ms", "--duration", "soon"], "not a duration"),
+                          ([], "--latency-target")]:
             p = tool("metronome-tune", *args)
             self.assertEqual(p.returncode, 2, args)
             self.assertIn(msg, p.stderr)
