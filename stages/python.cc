@@ -390,6 +390,11 @@ void PythonStage::BudgetFail(http::Request* r, RouteStats& stats, const char* ki
   (cpu ? stats.cpu_kills : stats.memory_kills).Add();
   stats.errors.Add();
   if (cpu) {
+    const int64_t over = std::max<int64_t>(0, used - budget);
+    python_->cpu_overshoot_ns.Record(static_cast<uint64_t>(over));  // lanes may race on a count
+    int64_t seen = python_->cpu_overshoot_max_ns.load(std::memory_order_relaxed);
+    while (over > seen && !python_->cpu_overshoot_max_ns.compare_exchange_weak(seen, over)) {
+    }
     LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its cpu budget (%s) after %.1fms: 503", stats.label.c_str(),
                      FormatDuration(budget).c_str(), static_cast<double>(used) / 1e6);
   } else {
@@ -486,6 +491,9 @@ void PythonStage::ExtraStats(StatsSink& sink) const {
     }
     const Watchdog& w = GlobalWatchdog();
     sink.Value("budget_stuck_handlers_total", static_cast<double>(w.stuck_handlers.Get()));
+    sink.Value("budget_cpu_overshoot_max_seconds", static_cast<double>(python_->cpu_overshoot_max_ns.load()) / 1e9);
+    sink.Histogram("budget_cpu_overshoot_seconds", python_->cpu_overshoot_ns);
+    sink.Histogram("budget_interrupt_delay_seconds", w.interrupt_delay_ns);
     sink.Value("budget_late_interrupts_total", static_cast<double>(w.late_interrupts.Get()));
     sink.Value("process_rss_bytes", static_cast<double>(ReadRssBytes()));
     sink.Value("python_heap_bytes", static_cast<double>(WrappedLiveBytes()));

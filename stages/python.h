@@ -58,6 +58,9 @@ struct PythonShared {
   int64_t cpu_budget_ns = 0;
   int64_t memory_budget_bytes = 0;
   Counter rss_sheds;
+  // How far past its CPU budget a stopped handler ran (time in handler - budget), every lane.
+  LatencyHistogram cpu_overshoot_ns;
+  std::atomic<int64_t> cpu_overshoot_max_ns{0};
 };
 
 class PythonStage : public Stage {
