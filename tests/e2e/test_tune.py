@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import BINARY, ROOT, Server  # noqa: E402
 
 TOOLS = os.path.join(ROOT, "tools")
+sys.dont_write_bytecode = True  # no __pycache__ in tools/
 sys.path.insert(0, TOOLS)
 import tune_lib as tl  # noqa: E402
 
