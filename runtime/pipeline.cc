@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
+#include "runtime/signals.h"
 #include "runtime/units.h"
 #include "runtime/uring.h"
 
@@ -155,6 +156,7 @@ class Lane {
       return sched;
     }
     info_.policy_in_force = CurrentPolicyName();
+    if (info_.policy_in_force == "deadline") RegisterDeadlineThread(tid_.load());
     return absl::OkStatus();
   }
 

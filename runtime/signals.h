@@ -10,7 +10,15 @@
 namespace metronome {
 
 // `on_stop` runs inside the signal handler: it must be async-signal-safe (Pipeline::RequestStop
-// is). The second signal calls _exit(128 + signo).
+// is). The second signal calls _exit(128 + signo), after moving every registered thread back to
+// SCHED_OTHER.
 void InstallStopSignals(void (*on_stop)(void*), void* arg);
+
+// Records a SCHED_DEADLINE thread (its kernel tid) so that an immediate exit first returns it to
+// SCHED_OTHER. Why: a deadline thread killed while throttled was seen (kernel 6.18) to never get
+// its replenishment, staying behind as a running zombie that holds its bandwidth until someone
+// changes its policy. Lock-free; at most kDeadlineThreadsMax are kept.
+inline constexpr int kDeadlineThreadsMax = 64;
+void RegisterDeadlineThread(int tid);
 
 }  // namespace metronome
