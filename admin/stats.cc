@@ -269,6 +269,10 @@ std::string RenderMetrics(const Pipeline& p) {
     PromHistogram(&out, "metronome_thread_handoff_seconds", absl::StrCat("thread=\"", p.lane_spec(l).name, "\""), h,
                   ApproxSumSeconds(h));
   }
+  absl::StrAppendFormat(&out, "# HELP metronome_deadline_overruns_unattributed_total SIGXCPU received by a thread that is not a lane.\n"
+                              "# TYPE metronome_deadline_overruns_unattributed_total counter\n"
+                              "metronome_deadline_overruns_unattributed_total %llu\n",
+                        static_cast<unsigned long long>(Pipeline::unattributed_overruns()));
   absl::StrAppendFormat(&out, "# HELP metronome_deadline_bandwidth_cpus Deadline bandwidth asked for, and what the kernel admits.\n"
                               "# TYPE metronome_deadline_bandwidth_cpus gauge\n"
                               "metronome_deadline_bandwidth_cpus{kind=\"asked\"} %.6f\n"

@@ -38,9 +38,16 @@ constexpr double kCongestedFill = 0.9;
 // SIGXCPU arrives on the overrunning thread (FACTS.md); the handler finds that thread's counters
 // here. Initial-exec TLS in the executable: safe to read in a signal handler.
 thread_local LaneStats* t_lane_stats = nullptr;
+// SIGXCPU that arrived on a thread that is not a lane (the kernel may pick another thread of
+// the process): counted, not lost.
+std::atomic<uint64_t> g_unattributed_overruns{0};
 
 void OnSigxcpu(int) {
-  if (t_lane_stats != nullptr) t_lane_stats->overruns.Add();
+  if (t_lane_stats != nullptr) {
+    t_lane_stats->overruns.Add();
+  } else {
+    g_unattributed_overruns.fetch_add(1, std::memory_order_relaxed);
+  }
 }
 
 void InstallSigxcpuHandler() {
@@ -761,6 +768,7 @@ const LaneStats& Pipeline::lane_stats(int lane) const { return lanes_[lane]->sta
 const LaneRunInfo& Pipeline::lane_run_info(int lane) const { return lanes_[lane]->info(); }
 size_t Pipeline::queue_depth(int lane) const { return lanes_[lane]->input().Depth(); }
 int Pipeline::lane_tid(int lane) const { return lanes_[lane]->tid(); }
+uint64_t Pipeline::unattributed_overruns() { return g_unattributed_overruns.load(std::memory_order_relaxed); }
 uint64_t Pipeline::queue_full_events(int lane) const { return lanes_[lane]->input().full_events(); }
 
 void Pipeline::ReportSetup(int lane, absl::Status status) {

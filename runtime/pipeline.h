@@ -124,6 +124,8 @@ class Pipeline {
   size_t queue_depth(int lane) const;
   // The lane's kernel thread id (for /proc/self/task/TID), 0 before it started.
   int lane_tid(int lane) const;
+  // Deadline overruns (SIGXCPU) that arrived on a thread that is not a lane, process-wide.
+  static uint64_t unattributed_overruns();
   uint64_t queue_full_events(int lane) const;
   double deadline_bandwidth() const { return bandwidth_; }
   const AdmissionLimit& admission() const { return admission_; }

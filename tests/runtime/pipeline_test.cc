@@ -263,12 +263,20 @@ TEST(Overruns, SigxcpuIsCountedNotFatal) {
       "  - {stage: synthetic-relay, name: hog, work: 3ms, policy: deadline, runtime: 100us, period: 1ms}\n"
       "  - {stage: synthetic-sink}\n";
   Running r(y);
+  if (!r.p().lane_run_info(1).fallback.empty()) {
+    // Another process holds the deadline bandwidth: nothing here can overrun.
+    GTEST_SKIP() << "the hog thread was refused SCHED_DEADLINE: " << r.p().lane_run_info(1).fallback;
+  }
   const LaneStats& hog = r.p().lane_stats(1);
+  const uint64_t elsewhere = Pipeline::unattributed_overruns();
   auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (hog.overruns.Get() == 0 && std::chrono::steady_clock::now() < give_up) {
+  while (hog.overruns.Get() == 0 && Pipeline::unattributed_overruns() == elsewhere &&
+         std::chrono::steady_clock::now() < give_up) {
     std::this_thread::yield();
   }
-  EXPECT_GT(hog.overruns.Get(), 0u);
+  // SIGXCPU goes to the overrunning thread, or to another thread of the process: either way it
+  // is counted, and the process lives.
+  EXPECT_GT(hog.overruns.Get() + (Pipeline::unattributed_overruns() - elsewhere), 0u);
   ASSERT_TRUE(r.Stop().ok());
   EXPECT_EQ(r.pool().generated.load(), r.pool().received.load());
 }
