@@ -386,18 +386,22 @@ std::string RenderStats(const Pipeline& p, const ConfigDoc& doc, int64_t started
       out.push_back(':');
       JsonNumber(&out, e.value);
     }
+    // Labeled series and histograms share their head: name, label, value_label.
+    auto labeled_head = [&](const std::string& name, const std::string& label, const std::string& value_label) {
+      out += "{\"name\":";
+      JsonString(&out, name);
+      out += ",\"label\":";
+      JsonString(&out, label);
+      out += ",\"value_label\":";
+      JsonString(&out, value_label);
+    };
     out += "},\"labeled\":[";
     first = true;
     for (const auto& e : c.series) {
       if (e.label.empty()) continue;
       if (!first) out.push_back(',');
       first = false;
-      out += "{\"name\":";
-      JsonString(&out, e.name);
-      out += ",\"label\":";
-      JsonString(&out, e.label);
-      out += ",\"value_label\":";
-      JsonString(&out, e.label_value);
+      labeled_head(e.name, e.label, e.label_value);
       out += ",\"value\":";
       JsonNumber(&out, e.value);
       out += "}";
@@ -407,12 +411,7 @@ std::string RenderStats(const Pipeline& p, const ConfigDoc& doc, int64_t started
     for (const auto& h : c.hists) {
       if (!first) out.push_back(',');
       first = false;
-      out += "{\"name\":";
-      JsonString(&out, h.name);
-      out += ",\"label\":";
-      JsonString(&out, h.label);
-      out += ",\"value_label\":";
-      JsonString(&out, h.label_value);
+      labeled_head(h.name, h.label, h.label_value);
       out += ",\"histogram\":";
       JsonQuantiles(&out, h.snap);
       out += "}";

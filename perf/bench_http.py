@@ -198,17 +198,14 @@ def main():
     for line in footer:
         print(line)
     print()
-    print("servers:")
-    for s in specs:
-        print(f"  {s.name:<18} {s.description}")
+    print("\n".join(H.servers_text(specs)))
 
     if args.markdown:
         md = ["## HTTP throughput and latency", ""]
         md += [f"- {line}" for line in header]
         md += ["", H.format_table(headers, rows_md, markdown=True, align=align), ""]
         md += [f"{line}" for line in footer] + [""]
-        md += ["| server | configuration |", "| --- | --- |"]
-        md += [f"| {s.name} | {s.description} |" for s in specs]
+        md += H.servers_markdown(specs)
         Path(args.markdown).write_text("\n".join(md) + "\n")
         print(f"\nmarkdown written to {args.markdown}")
     if args.json:

@@ -423,9 +423,7 @@ def main():
     for n in notes:
         print(n)
     print()
-    print("servers:")
-    for s in specs:
-        print(f"  {s.name:<18} {s.description}")
+    print("\n".join(H.servers_text(specs)))
 
     if args.markdown:
         md = ["## Isolation: /json under concurrent CPU hogs", ""]
@@ -433,8 +431,7 @@ def main():
         md += ["", H.format_table(t1_headers, t1, markdown=True, align="ll" + "r" * 4 + "l"), "",
                H.format_table(t2_headers, t2, markdown=True, align="lrrrlrrrl"), ""]
         md += notes + [""]
-        md += ["| server | configuration |", "| --- | --- |"]
-        md += [f"| {s.name} | {s.description} |" for s in specs]
+        md += H.servers_markdown(specs)
         Path(args.markdown).write_text("\n".join(md) + "\n")
         print(f"\nmarkdown written to {args.markdown}")
     if args.json:

@@ -43,7 +43,6 @@ class Outbox {
   bool Congested(int stage_index) const;
   // The time at the start of this loop iteration (CLOCK_MONOTONIC ns).
   int64_t now_ns() const { return now_ns_; }
-  int current_stage() const { return current_; }
 
  private:
   friend class Lane;

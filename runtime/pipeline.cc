@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -535,18 +534,9 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Build(ConfigDoc& doc,
   }
   if (entries.size() > 0xffff) return absl::InvalidArgumentError("too many stages");
 
-  const int64_t period_min_ns = 1000 * [] {
-    std::ifstream in("/proc/sys/kernel/sched_deadline_period_min_us");
-    int64_t v = 100;
-    in >> v;
-    return v;
-  }();
-  const int64_t period_max_ns = 1000 * [] {
-    std::ifstream in("/proc/sys/kernel/sched_deadline_period_max_us");
-    int64_t v = 4194304;
-    in >> v;
-    return v;
-  }();
+  const DeadlinePeriodLimits periods = ReadDeadlinePeriodLimits();
+  const int64_t period_min_ns = periods.min_ns;
+  const int64_t period_max_ns = periods.max_ns;
 
   std::map<std::string, int> names;
   std::map<std::string, int> thread_first_stage;

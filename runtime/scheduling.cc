@@ -138,6 +138,13 @@ AdmissionLimit ReadAdmissionLimit() {
   return lim;
 }
 
+DeadlinePeriodLimits ReadDeadlinePeriodLimits() {
+  DeadlinePeriodLimits lim;
+  lim.min_ns = 1000 * ReadInt("/proc/sys/kernel/sched_deadline_period_min_us", lim.min_ns / 1000);
+  lim.max_ns = 1000 * ReadInt("/proc/sys/kernel/sched_deadline_period_max_us", lim.max_ns / 1000);
+  return lim;
+}
+
 std::string CurrentPolicyName() {
   // RESET_ON_FORK shows up as a flag ORed into the policy.
   switch (sched_getscheduler(0) & ~SCHED_RESET_ON_FORK) {

@@ -55,6 +55,13 @@ struct AdmissionLimit {
 };
 AdmissionLimit ReadAdmissionLimit();
 
+// The periods the kernel accepts for SCHED_DEADLINE (sched_deadline_period_{min,max}_us).
+struct DeadlinePeriodLimits {
+  int64_t min_ns = 100'000;
+  int64_t max_ns = 4'194'304'000;
+};
+DeadlinePeriodLimits ReadDeadlinePeriodLimits();
+
 // The SCHED_* policy the calling thread runs under now, as a name ("deadline", "other", ...).
 std::string CurrentPolicyName();
 

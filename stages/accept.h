@@ -32,8 +32,6 @@ class AcceptStage : public Stage {
   bool NeedsRing() const override { return true; }
   void ExtraStats(StatsSink& sink) const override;
 
-  const std::string& bound_address() const { return bound_address_; }
-
  private:
   void ArmAccept();
   void ArmRecv(ConnId id);

@@ -124,10 +124,7 @@ void ParseStage::Forget(Conn* c) {
   }
   c->pending = c->pending_tail = nullptr;
   if (c->current != nullptr) {
-    // Its body never arrived: it never left parse, so send must not wait for its response.
-    shared_->requests.Give(c->current, *giver_);
-    c->current = nullptr;
-    --c->next_seq;
+    DropCurrent(c);
     abandoned_.Add();
   }
   c->carry.clear();
@@ -135,6 +132,14 @@ void ParseStage::Forget(Conn* c) {
   c->phase = Phase::kDiscard;
   Disarm(c);
   // c->blocked stays: Poll skips connections whose phase is kDiscard.
+}
+
+// The request whose body was arriving is given up. It never left parse: its sequence number is
+// taken back, so send does not wait for a response that will never come.
+void ParseStage::DropCurrent(Conn* c) {
+  shared_->requests.Give(c->current, *giver_);
+  c->current = nullptr;
+  --c->next_seq;
 }
 
 // Consumes the connection's pending chunks as far as capacity allows.
@@ -262,7 +267,6 @@ void ParseStage::Step(Conn* c, RecvChunk* ch, Outbox& out) {
   r->seq = c->next_seq++;
   r->head_done_ns = out.now_ns();
   r->is_head = r->head.method_id == Method::kHead;
-  heads_.Add();
   if (!r->head.keep_alive) c->closing = true;
 
   if (r->head.body_kind == BodyKind::kNone ||
@@ -297,10 +301,7 @@ size_t ParseStage::FeedBody(Conn* c, const char* data, size_t len, Outbox& out) 
     ParseError err;
     ParseStatus st = r->chunked.Feed(data, len, &used, &err, [r](const char* d, size_t n) { r->body.append(d, n); });
     if (st == ParseStatus::kError) {
-      c->current = nullptr;
-      // The request never left parse: the error response takes its sequence number.
-      shared_->requests.Give(r, *giver_);
-      --c->next_seq;
+      DropCurrent(c);  // the error response takes its sequence number
       Reject(c, err, out);
       return len;
     }
@@ -426,12 +427,7 @@ void ParseStage::Expire(Conn* c, TimerKind kind, Outbox& out) {
     case kTimerBody: {
       LOG_RATE_LIMITED(LogLevel::kInfo, "connection %u: %s timed out, answering 408",
                        SlotOf(c->id), kind == kTimerHead ? "request head" : "request body");
-      if (c->current != nullptr) {
-        Request* r = c->current;
-        c->current = nullptr;
-        --c->next_seq;
-        shared_->requests.Give(r, *giver_);
-      }
+      if (c->current != nullptr) DropCurrent(c);
       ParseError err{408, kind == kTimerHead ? "timed out waiting for the request head"
                                              : "timed out waiting for the request body"};
       Reject(c, err, out);

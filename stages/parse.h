@@ -50,6 +50,7 @@ class ParseStage : public Stage {
 
   Conn* Lookup(ConnId id);
   void Forget(Conn* c);
+  void DropCurrent(Conn* c);
   void Drive(Conn* c, Outbox& out);
   void Step(Conn* c, RecvChunk* ch, Outbox& out);
   size_t FeedBody(Conn* c, const char* data, size_t len, Outbox& out);
@@ -73,7 +74,7 @@ class ParseStage : public Stage {
   int64_t timeouts_[kTimerKinds] = {};
   TimerList timers_[kTimerKinds];
 
-  Counter heads_, requests_, rejected_, abandoned_, blocked_total_;
+  Counter requests_, rejected_, abandoned_, blocked_total_;
   Counter timeouts_fired_[kTimerKinds];
 };
 

@@ -36,7 +36,6 @@
 namespace metronome::py {
 namespace {
 
-constexpr std::string_view kInternalError = "internal server error\n";
 constexpr std::string_view kText = "text/plain; charset=utf-8";
 // A lane whose handler has run this long counts as occupied when dispatching: requests go to a
 // lane that is free or about to be.
@@ -177,6 +176,11 @@ absl::Status PythonStage::StartMain() {
     }
     if (absl::Status s = LoadRoutes(); !s.ok()) return s;
     if (absl::Status s = CallHook(app_, "startup"); !s.ok()) return s;
+    int64_t smallest = python_->cpu_budget_ns > 0 ? python_->cpu_budget_ns : Watchdog::kIdleLookMaxNs * 2;
+    for (const http::RouteTarget& t : routes_->targets) {
+      if (t.kind == http::RouteTarget::Kind::kPython && t.cpu_budget_ns > 0) smallest = std::min(smallest, t.cpu_budget_ns);
+    }
+    watchdog_options_.idle_look_ns = Watchdog::IdleLookFor(smallest);
     GlobalWatchdog().Start(watchdog_options_, GetHelpers().budget_exceeded);
     watch_ = GlobalWatchdog().Register(true);
     return absl::OkStatus();
@@ -242,11 +246,7 @@ absl::Status PythonStage::LoadRoutes() {
     Py_INCREF(callable);
     h.callable = callable;
     // Parameter names, in pattern order, for the vectorcall's keyword names.
-    std::vector<std::string> names;
-    for (size_t p = 0; (p = target.pattern.find('{', p)) != std::string::npos; ++p) {
-      size_t end = target.pattern.find_first_of(":}", p);
-      names.push_back(target.pattern.substr(p + 1, end - p - 1));
-    }
+    std::vector<std::string> names = http::Router::ParamNames(target.pattern);
     if (!names.empty()) {
       h.kwnames = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
       for (size_t k = 0; k < names.size(); ++k) {
@@ -293,12 +293,7 @@ void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
         Handle(r);
       }
     }
-    if (r->py_request != nullptr) {
-      PyObject* obj = static_cast<PyObject*>(r->py_request);
-      DetachRequest(obj);
-      Py_DECREF(obj);
-      r->py_request = nullptr;
-    }
+    ReleaseRequestObject(r);
     if (dispatched) lane.backlog.fetch_sub(1, std::memory_order_relaxed);
     out.EmitTo(serialize_, r);
   }
@@ -416,10 +411,8 @@ void PythonStage::Fail(http::Request* r, RouteStats& stats, int status) {
   std::string tb = PyErr_Occurred() ? FetchTraceback() : "(no exception)";
   LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s failed with %d:\n%s", stats.label.c_str(),
                    static_cast<int>(r->head.target.size()), r->head.target.data(), status, tb.c_str());
-  r->resp.Reset();
+  SetInternalError(&r->resp);
   r->resp.status = status;
-  r->resp.content_type = kText;
-  r->resp.body = kInternalError;
   r->responded = true;
 }
 
@@ -447,10 +440,7 @@ void PythonStage::CallOnResponse(http::Request* r, PyObject* req_obj) {
   r->resp.Reset();
   if (!ResultToResponse(resp, &r->resp)) {
     LOG_RATE_LIMITED(LogLevel::kError, "on_response left an invalid response: %s", FetchExceptionLine().c_str());
-    r->resp.Reset();
-    r->resp.status = 500;
-    r->resp.content_type = kText;
-    r->resp.body = kInternalError;
+    SetInternalError(&r->resp);
   }
   Py_DECREF(resp);
 }

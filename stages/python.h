@@ -72,8 +72,6 @@ class PythonStage : public Stage {
   bool NeedsMainThread() const override { return main_; }
   void ExtraStats(StatsSink& sink) const override;
 
-  const PythonShared& shared() const { return *python_; }
-
  private:
   absl::Status StartMain();
   absl::Status LoadRoutes();

@@ -126,14 +126,6 @@ absl::Status PythonPluginStage::Start(StageEnv& env) {
   return result;
 }
 
-void PythonPluginStage::Release(http::Request* r) {
-  if (r->py_request == nullptr) return;
-  PyObject* obj = static_cast<PyObject*>(r->py_request);
-  DetachRequest(obj);
-  Py_DECREF(obj);
-  r->py_request = nullptr;
-}
-
 void PythonPluginStage::Process(std::span<Item* const> batch, Outbox& out) {
   int64_t t0 = MonotonicNowNs();
   PyEval_RestoreThread(saved_);
@@ -166,25 +158,20 @@ void PythonPluginStage::Process(std::span<Item* const> batch, Outbox& out) {
       if (!HttpErrorToResponse(&r->resp)) {
         errors_.Add();
         LOG_RATE_LIMITED(LogLevel::kError, "plugin '%s' on_request raised:\n%s", name_.c_str(), FetchTraceback().c_str());
-        r->resp.Reset();
-        r->resp.status = 500;
-        r->resp.content_type = "text/plain; charset=utf-8";
-        r->resp.body = "internal server error\n";
+        SetInternalError(&r->resp);
       }
     } else {
       if (!ResultToResponse(result, &r->resp)) {
         errors_.Add();
         LOG_RATE_LIMITED(LogLevel::kError, "plugin '%s' on_request returned an invalid response: %s", name_.c_str(),
                          FetchExceptionLine().c_str());
-        r->resp.Reset();
-        r->resp.status = 500;
-        r->resp.body = "internal server error\n";
+        SetInternalError(&r->resp);
       }
       Py_DECREF(result);
     }
     answered_.Add();
     r->responded = true;
-    Release(r);
+    ReleaseRequestObject(r);
     out.EmitTo(serialize_, r);
   }
   saved_ = PyEval_SaveThread();

@@ -24,8 +24,6 @@ class PythonPluginStage : public Stage {
   void ExtraStats(StatsSink& sink) const override;
 
  private:
-  void Release(http::Request* r);
-
   std::string name_;
   std::string spec_;
   YAML::Node config_;

@@ -611,5 +611,15 @@ def format_table(headers: list, rows: list, markdown: bool = False, align: Optio
     return "\n".join(out)
 
 
+def servers_text(specs) -> list:
+    """The server list printed under each report."""
+    return ["servers:"] + [f"  {s.name:<18} {s.description}" for s in specs]
+
+
+def servers_markdown(specs) -> list:
+    """The same list as a markdown table, for --markdown."""
+    return ["| server | configuration |", "| --- | --- |"] + [f"| {s.name} | {s.description} |" for s in specs]
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

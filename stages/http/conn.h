@@ -51,9 +51,6 @@ class ConnectionTable {
 
   int fd(ConnId id) const { return slots_[SlotOf(id)].fd; }
   const sockaddr_storage& peer(ConnId id) const { return slots_[SlotOf(id)].peer; }
-  bool IsLive(ConnId id) const {
-    return slots_[SlotOf(id)].gen.load(std::memory_order_acquire) == GenOf(id) && slots_[SlotOf(id)].fd >= 0;
-  }
   uint64_t open() const { return open_.load(std::memory_order_relaxed); }
   uint64_t accepted_total() const { return accepted_.load(std::memory_order_relaxed); }
 

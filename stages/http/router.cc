@@ -161,6 +161,15 @@ bool Router::Match(int node, std::string_view rest, Request* r, int depth, int* 
   return false;
 }
 
+std::vector<std::string> Router::ParamNames(std::string_view pattern) {
+  std::vector<std::string> names;
+  for (size_t p = 0; (p = pattern.find('{', p)) != std::string_view::npos; ++p) {
+    size_t end = pattern.find_first_of(":}", p);
+    names.emplace_back(pattern.substr(p + 1, end - p - 1));
+  }
+  return names;
+}
+
 Router::Result Router::Find(Method method, std::string_view path, Request* r,
                             std::string_view* allow, int* target) const {
   r->num_params = 0;

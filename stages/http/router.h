@@ -38,6 +38,8 @@ class Router {
               int* target) const;
 
   size_t size() const { return routes_; }
+  // The parameter names of a pattern, in order ("/u/{id:int}/{rest:path}" -> id, rest).
+  static std::vector<std::string> ParamNames(std::string_view pattern);
 
  private:
   struct Node {

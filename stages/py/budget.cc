@@ -111,7 +111,6 @@ void InstallAllocatorWrappers() {
   g_installed = true;
 }
 
-bool AllocatorWrappersInstalled() { return g_installed; }
 int64_t WrappedLiveBytes() { return g_live.load(std::memory_order_relaxed); }
 
 int64_t ReadRssBytes() {
@@ -144,6 +143,7 @@ void Watchdog::Start(const Options& options, PyObject* budget_exceeded) {
   Py_XINCREF(budget_exceeded);
   exc_ = budget_exceeded;
   thread_ = std::thread([this] { Loop(); });
+  interrupter_ = std::thread([this] { Interrupter(); });
 }
 
 void Watchdog::Stop() {
@@ -153,10 +153,35 @@ void Watchdog::Stop() {
     stop_ = true;
   }
   cv_.notify_all();
-  // The loop may be waiting for the GIL for a non-main lane: let it have it.
+  async_cv_.notify_all();
+  // The interrupter may be waiting for the GIL: let it have it.
   Py_BEGIN_ALLOW_THREADS
   thread_.join();
+  interrupter_.join();
   Py_END_ALLOW_THREADS
+}
+
+// Raises BudgetExceeded in non-main lanes, one request at a time, under the GIL.
+void Watchdog::Interrupter() {
+  pthread_setname_np(pthread_self(), "interrupter");
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    async_cv_.wait(lock, [&] { return stop_ || !async_.empty(); });
+    if (stop_) return;
+    AsyncInterrupt job = async_.front();
+    async_.pop_front();
+    lock.unlock();
+    Lane& l = lanes_[job.lane];
+    PyGILState_STATE g = PyGILState_Ensure();
+    // Under the GIL the lane is not running Python: its seq cannot change while we look.
+    if (l.seq.load(std::memory_order_acquire) == job.seq) {
+      PyThreadState_SetAsyncExc(l.thread_id, exc_);
+    } else {
+      late_interrupts.Add();
+    }
+    PyGILState_Release(g);
+    lock.lock();
+  }
 }
 
 int Watchdog::Register(bool main_thread) {
@@ -172,7 +197,6 @@ int Watchdog::Register(bool main_thread) {
 void Watchdog::Begin(int lane, uint64_t seq, int64_t now_ns, int64_t budget_ns, const char* label) {
   Lane& l = lanes_[lane];
   l.label = label;
-  l.fired.store(false, std::memory_order_relaxed);
   l.stuck_reported.store(false, std::memory_order_relaxed);
   l.start_ns.store(now_ns, std::memory_order_relaxed);
   l.deadline_ns.store(budget_ns > 0 ? now_ns + budget_ns : kNeverNs, std::memory_order_relaxed);
@@ -181,8 +205,9 @@ void Watchdog::Begin(int lane, uint64_t seq, int64_t now_ns, int64_t budget_ns, 
 
 bool Watchdog::End(int lane) {
   Lane& l = lanes_[lane];
+  const uint64_t seq = l.seq.load(std::memory_order_relaxed);
   l.seq.store(0, std::memory_order_release);
-  bool fired = l.fired.load(std::memory_order_acquire);
+  bool fired = l.fired_seq.load(std::memory_order_acquire) == seq;
   if (fired && !l.main_thread) {
     // An async exception that did not get raised in time would hit this thread's next Python
     // code: clear it (REQUIRES the GIL, which the lane holds).
@@ -213,14 +238,14 @@ int Watchdog::InterruptMain(void* arg) {
 void Watchdog::Fire(int lane, uint64_t seq, int64_t now) {
   Lane& l = lanes_[lane];
   int64_t deadline = l.deadline_ns.load(std::memory_order_relaxed);
-  // `fired` goes first: the interrupt can end the request before this thread runs another
+  // `fired_seq` goes first: the interrupt can end the request before this thread runs another
   // line, and End() must then see that the budget, not the handler, failed it.
-  l.fired.store(true, std::memory_order_release);
+  l.fired_seq.store(seq, std::memory_order_release);
   if (l.main_thread) {
     // The sequence number travels in the pointer (24 bits of lane slack are plenty).
     void* arg = reinterpret_cast<void*>(static_cast<uintptr_t>((seq << 8) | static_cast<uint64_t>(lane)));
     if (Py_AddPendingCall(&Watchdog::InterruptMain, arg) != 0) {
-      l.fired.store(false, std::memory_order_release);  // queue full: next round
+      l.fired_seq.store(0, std::memory_order_release);  // queue full: next round
       return;
     }
     // CPython 3.11 decides whether to wake the main thread for a pending call on the *calling*
@@ -230,14 +255,14 @@ void Watchdog::Fire(int lane, uint64_t seq, int64_t now) {
     // with PyErr_SetInterruptEx has the same flaw as the pending call and does not work).
     pthread_kill(l.pthread, kBudgetSignal);
   } else {
-    PyGILState_STATE g = PyGILState_Ensure();
-    // Under the GIL the lane is not running Python: its seq cannot change while we look.
-    if (l.seq.load(std::memory_order_acquire) == seq) {
-      PyThreadState_SetAsyncExc(l.thread_id, exc_);
-    } else {
-      late_interrupts.Add();
+    // Raising in another thread needs the GIL, which can take a while to get from a busy lane:
+    // the interrupter thread waits for it, so this loop never does and keeps every other
+    // deadline (a watchdog stuck on the GIL once missed the next request's budget entirely).
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      async_.push_back({lane, seq});
     }
-    PyGILState_Release(g);
+    async_cv_.notify_one();
   }
   cpu_interrupts.Add();
   interrupt_delay_ns.Record(static_cast<uint64_t>(std::max<int64_t>(0, now - deadline)));
@@ -252,22 +277,19 @@ void Watchdog::Loop() {
   if (pthread_setschedparam(pthread_self(), SCHED_FIFO | SCHED_RESET_ON_FORK, &sp) != 0) {
     LOG_WARN("budget watchdog runs under SCHED_OTHER (SCHED_FIFO refused): CPU budgets may fire late under load");
   }
-  // With no request running, look again this often: shorter than any budget, so a request that
-  // starts right after a look is still seen before its deadline.
-  constexpr int64_t kIdleLookNs = 2 * kNanosPerMilli;
   int64_t next_rss = 0;
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_) {
     lock.unlock();
     int64_t now = MonotonicNowNs();
-    int64_t wake = now + kIdleLookNs;
+    int64_t wake = now + options_.idle_look_ns;
     const int n = num_lanes_.load(std::memory_order_acquire);
     for (int i = 0; i < n; ++i) {
       Lane& l = lanes_[i];
       uint64_t seq = l.seq.load(std::memory_order_acquire);
       if (seq == 0) continue;
       int64_t deadline = l.deadline_ns.load(std::memory_order_relaxed);
-      if (!l.fired.load(std::memory_order_relaxed)) {
+      if (l.fired_seq.load(std::memory_order_relaxed) != seq) {
         if (now >= deadline) {
           Fire(i, seq, now);
         } else {
@@ -289,7 +311,6 @@ void Watchdog::Loop() {
     if (options_.rss_limit_bytes > 0 && now >= next_rss) {
       next_rss = now + options_.rss_check_ns;
       int64_t rss = ReadRssBytes();
-      rss_.store(rss, std::memory_order_relaxed);
       bool over = rss > options_.rss_limit_bytes;
       if (over != rss_over_.load(std::memory_order_relaxed)) {
         rss_over_.store(over, std::memory_order_relaxed);

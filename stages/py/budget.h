@@ -5,7 +5,8 @@
 //   - on the main thread, with Py_AddPendingCall: no GIL needed, the interpreter runs the call
 //     at its next check (measured ~10-14 us, FACTS.md);
 //   - on another python lane, with PyThreadState_SetAsyncExc, which needs the GIL: the delay is
-//     the switch interval (python.switch_interval).
+//     the switch interval (python.switch_interval). An interrupter thread takes the GIL for it,
+//     so the watchdog itself never waits on the GIL.
 // Every interrupt carries the request's sequence number; one that arrives after its request
 // ended does nothing (pending calls check it; the lane clears any async exception before its
 // next request). Whatever the handler does with the exception, the server answers 503 with
@@ -29,8 +30,10 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -54,7 +57,6 @@ void SetMemoryAccount(MemoryAccount* account);
 // Wraps the RAW, MEM and OBJ domains. REQUIRES: after Py_PreInitialize, before Py_Initialize
 // (the wrapper must see every block it later frees).
 void InstallAllocatorWrappers();
-bool AllocatorWrappersInstalled();
 // Bytes currently allocated through the wrappers, all threads (for stats).
 int64_t WrappedLiveBytes();
 // The process's resident set, from /proc/self/statm.
@@ -73,14 +75,26 @@ class Watchdog {
     int64_t hard_ns = 1'000'000'000;  // past this a handler is reported as stuck
     int64_t rss_limit_bytes = 0;      // 0: no process-wide guard
     int64_t rss_check_ns = 100'000'000;
+    // With no request running, the watchdog looks again this often. It must be shorter than any
+    // budget: a request that starts right after a look is then seen before its deadline (else
+    // a 1 ms budget could be noticed only after a 3 ms handler ended). See IdleLookFor().
+    int64_t idle_look_ns = kIdleLookMaxNs;
   };
+  static constexpr int64_t kIdleLookMaxNs = 2'000'000;
+  static constexpr int64_t kIdleLookMinNs = 100'000;
+  // Half the smallest CPU budget in force, within [kIdleLookMinNs, kIdleLookMaxNs].
+  static int64_t IdleLookFor(int64_t smallest_budget_ns) {
+    return std::clamp<int64_t>(smallest_budget_ns / 2, kIdleLookMinNs, kIdleLookMaxNs);
+  }
 
   // The per-lane state the watchdog reads. Written by the lane (Begin/End), read by the watchdog.
   struct alignas(64) Lane {
     std::atomic<uint64_t> seq{0};         // the running request's number; 0 when idle
     std::atomic<int64_t> start_ns{0};
     std::atomic<int64_t> deadline_ns{0};
-    std::atomic<bool> fired{false};       // the CPU budget was enforced for `seq`
+    // The seq the CPU budget was enforced for (0: none). A seq, not a flag: a Fire that races
+    // with the end of its request can only ever mark that request, never the next one.
+    std::atomic<uint64_t> fired_seq{0};
     std::atomic<bool> stuck_reported{false};
     const char* label = "";               // route of the running request (static storage)
     bool main_thread = false;
@@ -102,7 +116,6 @@ class Watchdog {
   bool End(int lane);
 
   bool rss_over_limit() const { return rss_over_.load(std::memory_order_relaxed); }
-  int64_t rss_bytes() const { return rss_.load(std::memory_order_relaxed); }
 
   Counter cpu_interrupts;   // BudgetExceeded raised
   Counter late_interrupts;  // an interrupt that found its request already gone (a no-op)
@@ -112,6 +125,7 @@ class Watchdog {
 
  private:
   void Loop();
+  void Interrupter();
   void Fire(int lane, uint64_t seq, int64_t now);
   static int InterruptMain(void* arg);
 
@@ -120,11 +134,18 @@ class Watchdog {
   Lane lanes_[kLanesMax];
   std::atomic<int> num_lanes_{0};
   std::thread thread_;
+  std::thread interrupter_;
   std::mutex mu_;
   std::condition_variable cv_;
+  // Interrupts for non-main lanes, handed from the watchdog to the interrupter (under mu_).
+  struct AsyncInterrupt {
+    int lane;
+    uint64_t seq;
+  };
+  std::deque<AsyncInterrupt> async_;
+  std::condition_variable async_cv_;
   bool stop_ = false;
   std::atomic<bool> rss_over_{false};
-  std::atomic<int64_t> rss_{0};
 };
 
 Watchdog& GlobalWatchdog();

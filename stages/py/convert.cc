@@ -226,6 +226,13 @@ bool HttpErrorToResponse(http::Response* resp) {
   return true;
 }
 
+void SetInternalError(http::Response* resp) {
+  resp->Reset();
+  resp->status = 500;
+  resp->content_type = kText;
+  resp->body = "internal server error\n";
+}
+
 PyObject* ResponseToPython(const http::Response& resp) {
   const Helpers& h = GetHelpers();
   if (h.response == nullptr) {

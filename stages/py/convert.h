@@ -29,6 +29,9 @@ bool ResultToResponse(PyObject* result, http::Response* resp);
 // true. Otherwise leaves the exception pending and returns false.
 bool HttpErrorToResponse(http::Response* resp);
 
+// Replaces *resp with the 500 every Python failure gets (the cause goes to the log only).
+void SetInternalError(http::Response* resp);
+
 // A metronome.Response object with the response's status, headers, content type and body (for
 // plugins' on_response). New reference, or nullptr with an exception set.
 PyObject* ResponseToPython(const http::Response& resp);

@@ -36,16 +36,4 @@ std::string FetchTraceback();
 // The pending exception as "Type: message" (and cleared).
 std::string FetchExceptionLine();
 
-// RAII: holds the GIL in a scope on a thread that has no thread state of its own yet.
-class GilScope {
- public:
-  GilScope() : state_(PyGILState_Ensure()) {}
-  ~GilScope() { PyGILState_Release(state_); }
-  GilScope(const GilScope&) = delete;
-  GilScope& operator=(const GilScope&) = delete;
-
- private:
-  PyGILState_STATE state_;
-};
-
 }  // namespace metronome::py

@@ -390,6 +390,14 @@ void DetachRequest(PyObject* obj) {
   self->req = nullptr;
 }
 
+void ReleaseRequestObject(http::Request* r) {
+  if (r->py_request == nullptr) return;
+  PyObject* obj = static_cast<PyObject*>(r->py_request);
+  DetachRequest(obj);
+  Py_DECREF(obj);
+  r->py_request = nullptr;
+}
+
 PyObject* ParseUrlEncoded(const char* data, size_t len) {
   PyObject* list = PyList_New(0);
   if (list == nullptr) return nullptr;

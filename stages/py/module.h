@@ -40,6 +40,9 @@ PyObject* NewRequest(http::Request* r, const http::HttpShared* shared);
 // Cuts the object's link to its C++ request (see above). Never fails: on an error while copying
 // fields, the object is left detached with the fields it had.
 void DetachRequest(PyObject* request);
+// The last Python stage to see `r` lets go of its request object (if any): detach, then drop
+// the reference. REQUIRES the GIL.
+void ReleaseRequestObject(http::Request* r);
 
 // Parses application/x-www-form-urlencoded text (a query string or a form body) into a list of
 // (name, value) str pairs: '+' is a space, %XX is decoded, UTF-8 with replacement characters.

@@ -217,7 +217,9 @@ class Reader:
         return resp
 
     def closed(self, timeout=5):
-        """True if the server closes the connection (EOF) within `timeout` with nothing more."""
+        """True if the server closes the connection (EOF) within `timeout` with nothing more.
+        The socket's own timeout is put back afterwards."""
+        previous = self.sock.gettimeout()
         self.sock.settimeout(timeout)
         try:
             while True:
@@ -230,6 +232,33 @@ class Reader:
             return True
         except socket.timeout:
             return False
+        finally:
+            self.sock.settimeout(previous)
+
+
+def still_open(reader, seconds):
+    """True if, for `seconds`, the server neither closes the connection nor sends anything."""
+    before = len(reader.buf)
+    return not reader.closed(timeout=seconds) and len(reader.buf) == before
+
+
+class SharedServerTest:
+    """Mixin for a unittest.TestCase whose tests share one server on CONFIG (a config text)."""
+
+    CONFIG = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server(cls.CONFIG)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.__exit__(None, None, None)
+
+    def connect(self):
+        s = self.server.connect()
+        self.addCleanup(s.close)
+        return s, Reader(s)
 
 
 def request(method, path, headers=None, body=b"", version="HTTP/1.1", host=True):

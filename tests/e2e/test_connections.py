@@ -13,16 +13,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import NATIVE_ROUTES, ROOT, Reader, Server, config, exchange, request  # noqa: E402
-
-
-def still_open(reader, seconds):
-    """True if, for `seconds`, the server neither closes the connection nor sends anything.
-    (Reader.closed leaves its timeout on the socket: this puts a long one back.)"""
-    before = len(reader.buf)
-    closed = reader.closed(timeout=seconds)
-    reader.sock.settimeout(10)
-    return not closed and len(reader.buf) == before
+from harness import NATIVE_ROUTES, ROOT, Reader, Server, config, exchange, request, still_open  # noqa: E402
 
 
 HELLO = b"Hello, World!"

@@ -8,16 +8,7 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Reader, Server, config, exchange, request  # noqa: E402
-
-
-def still_open(reader, seconds):
-    """True if, for `seconds`, the server neither closes the connection nor sends anything.
-    (Reader.closed leaves its timeout on the socket: this puts a long one back.)"""
-    before = len(reader.buf)
-    closed = reader.closed(timeout=seconds)
-    reader.sock.settimeout(10)
-    return not closed and len(reader.buf) == before
+from harness import SharedServerTest, config, exchange, request, still_open  # noqa: E402
 
 
 DATE_RE = re.compile(
@@ -28,19 +19,8 @@ HELLO = b"Hello, World!"
 JSON = b'{"message":"Hello, World!"}'
 
 
-class HttpTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server(config())
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.__exit__(None, None, None)
-
-    def connect(self):
-        s = self.server.connect()
-        self.addCleanup(s.close)
-        return s, Reader(s)
+class HttpTest(SharedServerTest, unittest.TestCase):
+    CONFIG = config()
 
     def assertOk(self, resp, body):
         self.assertEqual(resp.status, 200, resp)

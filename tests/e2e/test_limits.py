@@ -9,7 +9,7 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Reader, Server, config, exchange, request  # noqa: E402
+from harness import Reader, Server, SharedServerTest, config, exchange, request  # noqa: E402
 
 MAX_REQUEST_LINE = 256
 MAX_HEADER_BYTES = 1024
@@ -41,19 +41,8 @@ def padded_head(total, method="GET", path="/plaintext", extra=b""):
     return head
 
 
-class LimitsTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server(config(LIMITS))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.__exit__(None, None, None)
-
-    def connect(self):
-        s = self.server.connect()
-        self.addCleanup(s.close)
-        return s, Reader(s)
+class LimitsTest(SharedServerTest, unittest.TestCase):
+    CONFIG = config(LIMITS)
 
     def assertServes(self):
         resp = exchange(self.server, request("GET", "/plaintext"))
