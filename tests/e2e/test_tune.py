@@ -383,7 +383,11 @@ other:
 # The acceptance run's load on the example app's /json handler: an open loop at a fixed rate
 # (metronome-load --rate), the load the tuner sizes the budgets for. (A closed loop speeds up as
 # soon as the budgets allow it, until the threads are CPU-bound and overrun again.)
-LOAD_ARGS = os.environ.get("TUNE_TEST_LOAD", "-c 16 --rate 3000 -e python").split()
+# The margins, measured closed loop with this load on the 2-core VM: bad budgets carry ~800 req/s,
+# tuned ones ~7k with two load processes (~5k with one: six deadline threads preempting it at each
+# wake-up slow a Python client down, and a CI run at 3000 req/s from one process came out 17 % late
+# with zero overruns). 1500 req/s sits well apart from both.
+LOAD_ARGS = os.environ.get("TUNE_TEST_LOAD", "-c 16 --rate 1500 -w 2 -e python").split()
 PHASE_SECONDS = float(os.environ.get("TUNE_TEST_PHASE", "4"))
 # 30ms over the six deadline threads: 5ms periods. Measured on the 2-core VM this was written on:
 # with runtimes under ~0.5ms per period (periods of 1ms and less at these bandwidths) the threads
@@ -479,7 +483,7 @@ class AcceptanceTest(unittest.TestCase):
                         "--config", bad, "--write", tuned, "--metronome", BINARY, timeout=120)
             self.assertEqual(tune.returncode, 0, tune.stdout + tune.stderr)
         report.append(tune.stdout)
-        self.assertIn("deadline bandwidth: before 0.120, after", tune.stdout)
+        self.assertIn("deadline bandwidth: before 0.060, after", tune.stdout)
         self.assertIn(f"wrote {tuned}", tune.stdout)
 
         # The written file: valid, and only runtime/period of deadline threads changed.
@@ -551,11 +555,11 @@ class ToolsTest(unittest.TestCase):
         out = p.stdout
         self.assertNotIn("\x1b[", out)  # --once: no screen control
         for name in SIX:
-            self.assertRegex(out, rf"(?m)^{name}\s+deadline\s+block\s+20us/1ms\s+2\.0%")
+            self.assertRegex(out, rf"(?m)^{name}\s+deadline\s+block\s+10us/1ms\s+1\.0%")
         self.assertIn("responses/s", out)
         self.assertIn("open connections", out)
         self.assertIn("budget kills: cpu", out)
-        self.assertIn("deadline bandwidth 0.120 of 1.80 CPUs admitted", out)
+        self.assertIn("deadline bandwidth 0.060 of 1.80 CPUs admitted", out)
 
     def test_tune_without_config_dumps_a_valid_file(self):
         out = os.path.join(self.tmp.name, "dumped.yaml")
