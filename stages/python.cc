@@ -75,7 +75,7 @@ int64_t OptionInt(PyObject* options, const char* key) {
 
 }  // namespace
 
-int PythonShared::Dispatch(const http::RouteTarget& target) const {
+int PythonShared::ChooseLane(const http::RouteTarget& target) const {
   const int64_t now = MonotonicNowNs();
   const Serves want = target.heavy ? Serves::kHeavy : Serves::kLight;
   // Lanes dedicated to this class of route first; lanes serving all routes otherwise.
@@ -96,8 +96,13 @@ int PythonShared::Dispatch(const http::RouteTarget& target) const {
     }
   }
   if (best < 0) best = 0;  // no lane for this class: the main lane takes it
-  lanes[static_cast<size_t>(best)]->backlog.fetch_add(1, std::memory_order_relaxed);
   return lanes[static_cast<size_t>(best)]->stage_index;
+}
+
+void PythonShared::Dispatched(int stage) {
+  for (auto& l : lanes) {
+    if (l->stage_index == stage) l->backlog.fetch_add(1, std::memory_order_relaxed);
+  }
 }
 
 absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& env) {
@@ -188,7 +193,8 @@ absl::Status PythonStage::StartMain() {
   saved_ = PyEval_SaveThread();
   if (!result.ok()) return result;
   if (python_->lanes.size() > 1) {
-    routes_->dispatch = [p = python_](const http::RouteTarget& t) { return p->Dispatch(t); };
+    routes_->choose = [p = python_](const http::RouteTarget& t) { return p->ChooseLane(t); };
+    routes_->dispatched = [p = python_](int stage) { p->Dispatched(stage); };
   }
   LOG_INFO("python: %s loaded with %zu routes; budgets: cpu %s, memory %s, hard %s%s; %zu python lane(s)",
            app_spec_.c_str(), python_->handlers.size(), FormatDuration(python_->cpu_budget_ns).c_str(),

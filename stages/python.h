@@ -51,8 +51,10 @@ struct PythonShared {
     std::atomic<int32_t> backlog{0};        // dispatched and not yet done
   };
   std::vector<std::unique_ptr<Lane>> lanes;
-  // Picks the lane for a request of this route (see python.cc).
-  int Dispatch(const http::RouteTarget& target) const;
+  // The stage of the lane for a request of this route (see python.cc); no side effect.
+  int ChooseLane(const http::RouteTarget& target) const;
+  // Counts a request handed to that lane into its backlog.
+  void Dispatched(int stage);
 
   // Defaults (python.budget); a route's own budgets override them.
   int64_t cpu_budget_ns = 0;

@@ -146,11 +146,24 @@ void PythonPluginStage::Process(std::span<Item* const> batch, Outbox& out) {
       Py_DECREF(result);
       r->plugins_seen |= 1u << index_;
       passed_.Add();
-      if (last_ && routes_->dispatch) {
-        out.EmitTo(routes_->dispatch(routes_->targets[static_cast<size_t>(r->route)]), r);
-      } else {
+      if (!last_ || !routes_->dispatching()) {
         out.Emit(r);
+        continue;
       }
+      // The last plugin picks the python lane, and sheds as route does when that lane is full.
+      const http::RouteTarget& t = routes_->targets[static_cast<size_t>(r->route)];
+      if (int to = routes_->choose(t); !out.Congested(to)) {
+        routes_->dispatched(to);
+        out.EmitTo(to, r);
+        continue;
+      }
+      shed_.Add();
+      LOG_RATE_LIMITED(LogLevel::kWarn, "plugin '%s': shed %s with 503: its python lane's queue is full",
+                       name_.c_str(), t.pattern.c_str());
+      r->resp.SetBusy(http_config_.retry_after_s);
+      r->responded = true;
+      ReleaseRequestObject(r);
+      out.EmitTo(serialize_, r);
       continue;
     }
     r->resp.Reset();
@@ -181,6 +194,7 @@ void PythonPluginStage::ExtraStats(StatsSink& sink) const {
   sink.Value("answered_total", static_cast<double>(answered_.Get()));
   sink.Value("passed_total", static_cast<double>(passed_.Get()));
   sink.Value("errors_total", static_cast<double>(errors_.Get()));
+  sink.Value("shed_total", static_cast<double>(shed_.Get()));
   sink.Value("gil_wait_seconds_total", static_cast<double>(gil_wait_ns_.Get()) / 1e9);
 }
 

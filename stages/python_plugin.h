@@ -37,7 +37,7 @@ class PythonPluginStage : public Stage {
   bool last_ = false;  // the last plugin dispatches to a python lane
   http::RouteTable* routes_ = nullptr;
   PyThreadState* saved_ = nullptr;
-  Counter answered_, passed_, errors_;
+  Counter answered_, passed_, errors_, shed_;
   Counter gil_wait_ns_;  // time spent waiting to take the GIL (the price of a plugin thread)
 };
 

@@ -3,8 +3,9 @@
 // plugins). No match is 404, a path without the method is 405 with Allow, a method the server
 // does not know is 501. HEAD is served by the GET route (serialize drops the body).
 //
-// Overload: when the queue toward the Python stage is congested (runtime/outbox.h), new Python
-// work is answered 503 with Retry-After here instead of waiting behind a full queue.
+// Overload: when the queue toward the python lane a request would go to is congested
+// (runtime/outbox.h), that request is answered 503 with Retry-After here instead of waiting
+// behind a full queue; a full queue would stall route, and with it every other request.
 #include "stages/route.h"
 
 #include "absl/strings/str_cat.h"
@@ -103,17 +104,22 @@ void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
       out.EmitTo(serialize_, r);
       continue;
     }
-    if (out.Congested(next_)) {
+    // The lane this request would go to decides: a full heavy lane sheds heavy work only.
+    const bool dispatch = dispatch_here_ && table_->dispatching();
+    const int to = dispatch ? table_->choose(t) : next_;
+    if (out.Congested(to)) {
       shed_.Add();
       LOG_RATE_LIMITED(LogLevel::kWarn, "shed %s %.*s with 503: the Python queue is full",
                        MethodName(h.method_id), static_cast<int>(h.path.size()), h.path.data());
-      r->resp.retry_after_s = config_.retry_after_s;
-      Answer(r, 503, "server busy; retry later\n", out);
+      r->resp.SetBusy(config_.retry_after_s);
+      r->responded = true;
+      out.EmitTo(serialize_, r);
       continue;
     }
     // Past plugins the next stage is the first python lane; with several lanes the python
     // stage's dispatcher picks one (a plugin in between dispatches instead).
-    out.EmitTo(dispatch_here_ && table_->dispatch ? table_->dispatch(t) : next_, r);
+    if (dispatch) table_->dispatched(to);
+    out.EmitTo(to, r);
   }
 }
 

@@ -86,6 +86,14 @@ struct Response {
   std::vector<std::string> body_parts;
 
   void Reset();
+  // 503 for overload (a full queue ahead): the client may retry after `retry_after_s`.
+  void SetBusy(int retry_after_s_value) {
+    Reset();
+    status = 503;
+    content_type = "text/plain; charset=utf-8";
+    body = "server busy; retry later\n";
+    retry_after_s = retry_after_s_value;
+  }
   void SetBodyCopy(std::string_view text) {
     body_storage.assign(text.data(), text.size());
     body = body_storage;

@@ -79,9 +79,13 @@ struct RouteTarget {
 
 struct RouteTable {
   std::vector<RouteTarget> targets;
-  // Where a Python route's request goes: set by the python stage when there is more than one
-  // python lane (it picks a lane per request); -1 or unset means "the next stage".
-  std::function<int(const RouteTarget&)> dispatch;
+  // Where a Python route's request goes, set by the python stage when there is more than one
+  // python lane; unset means "the next stage". `choose` picks the lane's stage and changes
+  // nothing, so that the caller can still shed the request by that lane's congestion;
+  // `dispatched` then counts the request into the lane's backlog (the lane counts it out).
+  std::function<int(const RouteTarget&)> choose;
+  std::function<void(int stage)> dispatched;
+  bool dispatching() const { return static_cast<bool>(choose); }
 };
 
 const char* MethodName(Method m);
