@@ -40,6 +40,8 @@ THROTTLED_SHARE = 0.9
 OVERRUN_BOOST = 2.0
 # Overruns below this rate (per second) are reported but taken for noise (a stray interrupt).
 OVERRUN_NOISE = 0.5
+# An open-loop load with more than this share of its requests late fell behind the server.
+LATE_SHARE = 0.01
 # The fill of a throttled window: this share of the admitted bandwidth is split equally, the rest
 # in proportion to the CPU each thread used.
 FILL_EQUAL = 0.5
@@ -330,9 +332,14 @@ proposal: first the headroom above each need shrinks (the same share on every th
 needs alone do not fit, every need is scaled by one factor (never below 20us): such a proposal
 cannot carry the measured load, and the tuner says so.
 Throttled threads: a deadline thread that overran its runtime in the window (0.5 times a second
-or more; fewer are taken for noise), or used 90 % of its bandwidth or more, was throttled: its CPU share was capped by the old budget, its service times
-and busy time include the time it spent throttled, and under closed-loop load every thread of
-the pipeline saw the rate the throttled one let through, not the demand. Then
+or more; fewer are taken for noise), or used 90 % of its bandwidth or more, was throttled; and
+with --load, when the load fell behind (its p99 above the latency target, or more than 1 % of an
+open loop's requests late), every deadline thread counts as throttled, since tiny runtimes are
+throttled without a signal (SIGXCPU comes at most once per scheduler tick) and a thread idle in
+some periods stays under its bandwidth on average. A throttled thread's CPU share was capped by
+the old budget, its service times and busy time include the time it spent throttled, and under
+closed-loop load every thread of the pipeline saw the rate the throttled one let through, not
+the demand. Then
   need     = the larger of its CPU share x period and p50 service x arrivals per period;
              runtime = headroom x that need, and, if it overran at less than half of its
              bandwidth (short of runtime per period for its bursts, not of bandwidth), at
@@ -378,14 +385,15 @@ def choose_period_ns(target_ns, n_path, limits=None):
     return int(min(hi, max(lo, grid_floor(target_ns / n))))
 
 
-def thread_need_ns(thread, stages, period_ns):
+def thread_need_ns(thread, stages, period_ns, behind=False):
     """(need_ns, parts): the measured work of one thread per period (see PROPOSAL_RULES).
 
     parts: items_p99 (sum of p99 service x arrivals per period), cpu (CPU share x period),
     busy (busy share x period), items_p50 (p50 service x arrivals per period), use (CPU per
     second: max of the CPU share and the p50 work), bursty (it overran at less than half of its
     bandwidth), boost (then: twice its old runtime), throttled (bool), and robust (the need of a
-    throttled thread: the measures that throttling does not inflate)."""
+    throttled thread: the measures that throttling does not inflate). behind: the load fell
+    behind during the window, so every deadline thread counts as throttled."""
     items = items50 = busy = 0.0
     for name in thread["stages"]:
         s = stages.get(name)
@@ -405,10 +413,26 @@ def thread_need_ns(thread, stages, period_ns):
     bursty = overran and thread["cpu_share"] is not None and thread["cpu_share"] < 0.5 * thread["bandwidth"]
     boost = min(period_ns, OVERRUN_BOOST * thread["runtime_ns"]) if bursty else 0.0
     parts = {"items_p99": items, "items_p50": items50, "cpu": cpu, "busy": busy, "boost": boost,
-             "bursty": bursty, "use": max(cpu, items50) / period_ns, "throttled": overran or saturated}
+             "bursty": bursty, "use": max(cpu, items50) / period_ns, "throttled": overran or saturated or (in_force and behind)}
     parts["robust"] = max(cpu, items50)
     need = parts["robust"] if parts["throttled"] else max(items, cpu, busy)
     return need, parts
+
+
+def load_behind(load, latency_target_ns):
+    """Why the tuner's own load fell behind the server (None if it did not): its p99 above the
+    latency target, or more than LATE_SHARE of an open loop's requests never sent in time.
+    load: metronome-load --json output."""
+    if not load or not load.get("requests"):
+        return None
+    p99_ms, late = load.get("p99_ms") or 0.0, load.get("late") or 0
+    target_ms = latency_target_ns / 1e6
+    why = []
+    if p99_ms > target_ms:
+        why.append(f"p99 {p99_ms:.1f}ms against the {format_duration(latency_target_ns)} target")
+    if late > LATE_SHARE * load["requests"]:
+        why.append(f"{late} requests late at {load.get('rate', 0):g} req/s offered")
+    return ", ".join(why) or None
 
 
 def _round_us(ns, lo, hi, up=True):
@@ -418,11 +442,13 @@ def _round_us(ns, lo, hi, up=True):
 
 
 def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_ns=MIN_RUNTIME_NS,
-            period_limits=None, margin=ADMISSION_MARGIN):
+            period_limits=None, margin=ADMISSION_MARGIN, behind=None):
     """The proposal for every thread of an analyze() window. Returns a dict:
       period_ns, n_path, limit, rows[] (one per thread, in pipeline order), wanted_bandwidth,
       bandwidth_after, need_bandwidth, fitted (None | "headroom" | "scaled"), fit_factor,
-      filled (the window was throttled), advice[] (lines), feasible (the measured needs fit).
+      filled (the window was throttled), advice[] (lines), feasible (the measured needs fit),
+      behind.
+    behind: None, or why the load fell behind during the window (see load_behind()).
     """
     if headroom < 1.0:
         raise TuneError("--headroom must be at least 1.0")
@@ -444,7 +470,7 @@ def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_
                "throttled": False, "after": None}
         row["bursty"] = False
         if t["policy"] == "deadline":
-            need, parts = thread_need_ns(t, stages, period)
+            need, parts = thread_need_ns(t, stages, period, behind=bool(behind))
             # A throttled thread's p99 service and busy time include the time it was throttled:
             # only the measures that throttling does not inflate count (its need).
             rule = need if parts["throttled"] else max(parts["items_p99"], parts["cpu"], parts["busy"])
@@ -517,7 +543,8 @@ def propose(window, latency_target_ns, headroom=1.5, admitted=None, min_runtime_
            "limit": limit, "rows": rows, "wanted_bandwidth": wanted, "need_bandwidth": need_bw,
            "bandwidth_before": sum(r["before"]["bandwidth"] for r in dl),
            "bandwidth_after": after_bw, "fitted": fitted, "fit_factor": factor,
-           "feasible": need_bw <= limit, "latency_target_ns": latency_target_ns, "filled": fill}
+           "feasible": need_bw <= limit, "latency_target_ns": latency_target_ns, "filled": fill,
+           "behind": behind}
     out["advice"] = advice(out, window)
     return out
 
@@ -585,7 +612,15 @@ def advice(prop, window):
                 f"(no headroom left). NOT ENOUGH for the measured load: threads {', '.join(short) or '-'} "
                 f"will be throttled. Group stages as above, lower the load, or use a longer latency target.")
     throttled = [r["thread"] for r in prop["rows"] if r["throttled"]]
-    if throttled:
+    if prop.get("behind"):
+        lines.append(
+            f"note: the load fell behind during the window ({prop['behind']}), so every deadline thread "
+            f"counts as throttled, overruns signalled or not (SIGXCPU comes at most once per scheduler "
+            f"tick, and a thread throttled in its busy periods and idle in the others uses less than "
+            f"its bandwidth on average). Each was given at least its share of the admitted bandwidth "
+            f"in proportion to the CPU it used per second (the 'fill'). Apply the proposal, run the "
+            f"load again and run the tuner again to trim the budgets to the demand.")
+    elif throttled:
         lines.append(
             f"note: threads {', '.join(throttled)} were throttled during the window (overruns, or CPU "
             f"at {100 * THROTTLED_SHARE:.0f} % of the budget or more): the measured rates are what the old "

@@ -267,6 +267,26 @@ class ProposalTest(unittest.TestCase):
         self.assertGreater(rows["accept"]["after"]["runtime_ns"], rows["serialize"]["after"]["runtime_ns"])
         self.assertIn("were throttled", "\n".join(p["advice"]))
 
+    def test_load_behind_counts_every_thread_throttled(self):
+        # The window a CI run saw with 10us/1ms budgets: CPU at 20-90 % of each thread's 1 %,
+        # no overrun signalled, and the open-loop load 1724 requests late with p99 1.2 s.
+        cpu = {"accept": 0.004, "parse": 0.005, "route": 0.003, "python": 0.004, "serialize": 0.002, "send": 0.008}
+        w = six_stage_window(cpu, self.SVC, rate=640, runtime=10 * US, period=MS)
+        quiet = tl.propose(w, 30 * MS, headroom=1.5, period_limits=(100 * US, 10**9))
+        self.assertFalse(quiet["filled"])  # nothing in the server's own numbers says throttled
+        self.assertLess(quiet["bandwidth_after"], 0.2)
+        load = {"requests": 4264, "rps": 1066, "p99_ms": 1158.7, "late": 1724, "rate": 1500}
+        behind = tl.load_behind(load, 30 * MS)
+        self.assertEqual(behind, "p99 1158.7ms against the 30ms target, 1724 requests late at 1500 req/s offered")
+        p = tl.propose(w, 30 * MS, headroom=1.5, period_limits=(100 * US, 10**9), behind=behind)
+        self.assertTrue(p["filled"])
+        self.assertTrue(all(r["throttled"] for r in p["rows"]))
+        self.assertGreater(p["bandwidth_after"], 1.6)
+        self.assertIn("the load fell behind during the window (p99 1158.7ms", "\n".join(p["advice"]))
+        # A load that kept up is not behind.
+        self.assertIsNone(tl.load_behind({"requests": 6000, "p99_ms": 3.5, "late": 0, "rate": 1500}, 30 * MS))
+        self.assertIsNone(tl.load_behind(None, 30 * MS))
+
     def test_fill_is_half_equal_half_by_cost(self):
         cpu = {"accept": 0.010, "parse": 0.005, "route": 0.004, "python": 0.006, "serialize": 0.003, "send": 0.018}
         ovr = {k: 2.0 for k in SIX}
