@@ -110,6 +110,18 @@ class CpuBudget(unittest.TestCase):
             r, _ = get(srv, "/cleanups")
             self.assertEqual(json.loads(r.body), {"cleanups": 3})
 
+    def test_blocking_call_on_main_lane_is_cut_short(self):
+        # time.sleep(2) is one C call, but an interruptible one: the budget signal (SIGUSR2) ends
+        # it with EINTR, Python runs its handler for the signal, and the pending call sent with
+        # the signal raises BudgetExceeded from there. The main lane is free again at ~50 ms.
+        with Server(budget_config()) as srv:
+            r, elapsed = get(srv, "/sleep?s=2")
+            self.assertEqual(r.status, 503, r)
+            self.assertEqual(r.header("metronome-budget"), "cpu")
+            self.assertLess(elapsed, 1.0, f"503 came {elapsed * 1000:.1f} ms after the request")
+            self.assertEqual(json.loads(get(srv, "/cleanups")[0].body), {"cleanups": 1})
+            self.assertEqual(get(srv, "/hog-light?ms=5")[0].status, 200)  # no second exception left over
+
     def test_route_budget_from_decorator_and_yaml(self):
         extra = "  routes:\n    - {path: /budget-yaml, method: GET, cpu: 30ms}"
         with Server(budget_config(extra_python=extra)) as srv:

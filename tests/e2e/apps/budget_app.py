@@ -52,6 +52,16 @@ def cleanup(req):
         cleanups.append(time.time())  # finally blocks run when the budget stops a handler
 
 
+@app.get("/sleep")
+def sleep(req):
+    """Waits (a slow backend, say) instead of burning CPU: the budget is wall time."""
+    try:
+        time.sleep(float(req.query.get("s", "2")))
+    finally:
+        cleanups.append(time.time())
+    return "slept"
+
+
 @app.get("/cleanups")
 def cleanup_count(req):
     return {"cleanups": len(cleanups)}
