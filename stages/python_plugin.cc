@@ -109,6 +109,15 @@ absl::Status PythonPluginStage::Start(StageEnv& env) {
     if (plugin_ == nullptr) {
       return absl::FailedPreconditionError(absl::StrCat("plugin ", spec_, "(config) raised:\n", FetchTraceback()));
     }
+    // `async def` on_request/on_response become plain methods that run on this lane's loop.
+    PyObject* app_module = PyImport_ImportModule("metronome._app");
+    PyObject* synced = app_module ? PyObject_CallMethod(app_module, "sync_plugin", "O", plugin_) : nullptr;
+    Py_XDECREF(app_module);
+    if (synced == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat("plugin ", spec_, ": metronome._app.sync_plugin failed:\n",
+                                                        FetchTraceback()));
+    }
+    Py_DECREF(synced);
     on_request_ = PyObject_GetAttrString(plugin_, "on_request");
     if (on_request_ == nullptr) PyErr_Clear();
     if (!PyObject_HasAttrString(plugin_, "on_response")) {

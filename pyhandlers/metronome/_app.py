@@ -1,6 +1,10 @@
 """The application object: routes and lifecycle hooks. Routing itself runs in C++."""
 
+import asyncio
+import functools
+import inspect
 import re
+import threading
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -30,6 +34,52 @@ def _bytes(value, what):
     return int(m.group(1)) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[m.group(2)]
 
 
+_lane = threading.local()
+
+
+def _run_coroutine(coro):
+    """Runs a coroutine to completion on this thread's own event loop (one per python lane,
+    made on first use). The lane waits for it as it waits for a plain handler: an `await` on I/O
+    holds up this lane only. When a budget stops it (BudgetExceeded, MemoryError) the task is
+    cancelled and run until it has unwound, so its `finally` and `async with` blocks run."""
+    loop = getattr(_lane, "loop", None)
+    if loop is None:
+        loop = _lane.loop = asyncio.new_event_loop()
+    task = loop.create_task(coro)
+    try:
+        return loop.run_until_complete(task)
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                loop.run_until_complete(task)
+            except BaseException:  # noqa: B036  the first exception is the one that counts
+                pass
+
+
+def sync_callable(fn):
+    """fn itself, or, for an `async def` function, a plain function that runs it to completion
+    (see _run_coroutine). Handlers, hooks and plugin methods may be either."""
+    if not inspect.iscoroutinefunction(fn):
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return _run_coroutine(fn(*args, **kwargs))
+
+    return call
+
+
+def sync_plugin(plugin):
+    """Called by the python-plugin stage on the object it built: async on_request and
+    on_response become plain methods."""
+    for name in ("on_request", "on_response"):
+        method = getattr(plugin, name, None)
+        if method is not None and inspect.iscoroutinefunction(method):
+            setattr(plugin, name, sync_callable(method))
+    return plugin
+
+
 class App:
     """Collects routes and hooks.
 
@@ -41,6 +91,8 @@ class App:
         @app.route("/things", methods=["GET", "POST"], cpu_budget="200ms", heavy=True)
         def things(req): ...
 
+    Handlers may be `async def`: each python lane runs them to completion on its own event
+    loop (an `await` holds up that lane only, as a blocking call would).
     Path parameters: {name} (one segment, str), {name:int} (int), {name:path} (the rest).
     Per-route budgets: cpu_budget (seconds or "50ms"), memory_budget (bytes or "64MiB");
     heavy=True marks a route as heavy (see the budgets in README).
@@ -68,7 +120,7 @@ class App:
 
         def register(fn):
             for m in methods:
-                self._routes.append((m, path, fn, options))
+                self._routes.append((m, path, sync_callable(fn), options))
             return fn
 
         return register
@@ -104,8 +156,8 @@ class App:
 
     def startup(self):
         for fn in self._startup:
-            fn()
+            sync_callable(fn)()
 
     def shutdown(self):
         for fn in reversed(self._shutdown):
-            fn()
+            sync_callable(fn)()

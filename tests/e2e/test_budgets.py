@@ -122,6 +122,18 @@ class CpuBudget(unittest.TestCase):
             self.assertEqual(json.loads(get(srv, "/cleanups")[0].body), {"cleanups": 1})
             self.assertEqual(get(srv, "/hog-light?ms=5")[0].status, 200)  # no second exception left over
 
+    def test_async_handlers(self):
+        # An `async def` handler: awaiting (the lane's event loop in select) or burning CPU, on the
+        # main lane and on the heavy one, it is stopped like a plain one and its `finally` runs.
+        with Server(budget_config(lanes=HEAVY_LANE)) as srv:
+            for path in ("/async-sleep?s=2", "/async-hog-light?ms=1000", "/async-hog?ms=1000"):
+                r, elapsed = get(srv, path)
+                self.assertEqual((r.status, r.header("metronome-budget")), (503, "cpu"), path)
+                self.assertLess(elapsed, 0.5, path)
+            self.assertEqual(json.loads(get(srv, "/cleanups")[0].body), {"cleanups": 1})
+            self.assertEqual(get(srv, "/async-hog-light?ms=5")[0].status, 200)
+            self.assertEqual(get(srv, "/async-hog?ms=5")[0].status, 200)
+
     def test_route_budget_from_decorator_and_yaml(self):
         extra = "  routes:\n    - {path: /budget-yaml, method: GET, cpu: 30ms}"
         with Server(budget_config(extra_python=extra)) as srv:

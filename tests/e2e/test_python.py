@@ -426,7 +426,7 @@ class ConventionsTest(PythonServerTest):
         self.assertResponse(reader.read_response(), 200, "plain text é".encode())
 
     def test_startup_hooks_ran_in_order(self):
-        self.assertJson(self.get("/hooks"), {"startup": ["first", "second"]})
+        self.assertJson(self.get("/hooks"), {"startup": ["first", "second", "async"]})
 
 
 class HandlerErrorLogTest(PythonServerTest):
@@ -603,6 +603,43 @@ pipeline:
         log = wait_for_log(self.server, "E2E-ON-RESPONSE")
         self.assertIn("E2E-ON-RESPONSE", log)
         self.assertResponse(self.get("/json"), 200, b'{"message":"Hello, World!"}')
+
+
+class AsyncHandlersTest(PythonServerTest):
+    """`async def` handlers and plugin methods: each lane runs them on its own event loop."""
+    CONFIG = python_config("e2e_app:app", path=(APPS, PYHANDLERS), pipeline="""
+pipeline:
+  - {stage: accept}
+  - {stage: parse}
+  - {stage: route}
+  - {stage: python-plugin, name: async-tag, plugin: "e2e_plugins:AsyncTag"}
+  - {stage: python}
+  - {stage: serialize}
+  - {stage: send}
+""")
+
+    def test_async_handler_result_and_plugin(self):
+        resp = self.get("/async/json")
+        self.assertJson(resp, {"async": True, "path": "/async/json"})
+        self.assertEqual(resp.header("x-async-plugin"), "1")
+
+    def test_await_and_path_params(self):
+        for i in range(5):  # the loop is reused request after request
+            self.assertJson(self.get(f"/async/users/{i}"), {"id": i, "plugin": "seen"})
+
+    def test_gather(self):
+        self.assertJson(self.get("/async/gather"), [0, 1, 2, 3, 4])
+
+    def test_async_plugin_answers_early(self):
+        resp = self.get("/async/json?plugin=answer")
+        self.assertJson(resp, {"answered_by": "async plugin"})
+
+    def test_http_error_and_exception(self):
+        self.assertResponse(self.get("/async/http-error"), 418, b"I'm a teapot\n", TEXT)
+        resp = self.get("/async/raise")
+        self.assertResponse(resp, 500, INTERNAL_ERROR, TEXT)
+        self.assertIn("ValueError: async handler fails on purpose: E2E-ASYNC", wait_for_log(self.server, "E2E-ASYNC"))
+        self.assertJson(self.get("/async/json"), {"async": True, "path": "/async/json"})
 
 
 # --- lifecycle ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Handlers that misbehave on purpose, for tests/e2e/test_budgets.py."""
+import asyncio
 import time
 
 import metronome
@@ -60,6 +61,28 @@ def sleep(req):
     finally:
         cleanups.append(time.time())
     return "slept"
+
+
+@app.get("/async-sleep")
+async def async_sleep(req):
+    """An async handler awaiting a slow backend: the budget ends the wait, `finally` runs."""
+    try:
+        await asyncio.sleep(float(req.query.get("s", "2")))
+    finally:
+        cleanups.append(time.time())
+    return "slept"
+
+
+@app.get("/async-hog", heavy=True)
+async def async_hog(req):
+    burn(int(req.query.get("ms", "1000")))
+    return "done"
+
+
+@app.get("/async-hog-light")
+async def async_hog_light(req):
+    burn(int(req.query.get("ms", "1000")))
+    return "done"
 
 
 @app.get("/cleanups")

@@ -4,6 +4,7 @@ request fields, a request kept past its response, and lifecycle hooks.
 Shutdown hooks append a line to the file named by $METRONOME_E2E_SHUTDOWN_MARKER (if set).
 """
 
+import asyncio
 import os
 
 import metronome
@@ -41,9 +42,48 @@ def _second_shutdown():
     _mark(f"second registered (runs first); requests kept: {len(kept)}")
 
 
+@app.on_startup
+async def _async_startup():
+    await asyncio.sleep(0)
+    startup_calls.append("async")
+
+
 @app.get("/hooks")
 def hooks(req):
     return {"startup": startup_calls}
+
+
+# --- async handlers ------------------------------------------------------------------------
+
+@app.get("/async/json")
+async def async_json(req):
+    return {"async": True, "path": req.path}
+
+
+@app.get("/async/users/{id:int}")
+async def async_user(req, id):
+    await asyncio.sleep(0.002)  # a real wait on the lane's event loop
+    return {"id": id, "plugin": req.state.get("async_plugin")}
+
+
+@app.get("/async/gather")
+async def async_gather(req):
+    async def part(n):
+        await asyncio.sleep(0.001 * n)
+        return n
+    return await asyncio.gather(*(part(n) for n in range(5)))
+
+
+@app.get("/async/http-error")
+async def async_http_error(req):
+    await asyncio.sleep(0)
+    raise metronome.HTTPError(418, "I'm a teapot")
+
+
+@app.get("/async/raise")
+async def async_raise(req):
+    await asyncio.sleep(0)
+    raise ValueError("async handler fails on purpose: E2E-ASYNC")
 
 
 # --- return conventions -------------------------------------------------------------------
