@@ -413,7 +413,8 @@ def thread_need_ns(thread, stages, period_ns, behind=False):
     bursty = overran and thread["cpu_share"] is not None and thread["cpu_share"] < 0.5 * thread["bandwidth"]
     boost = min(period_ns, OVERRUN_BOOST * thread["runtime_ns"]) if bursty else 0.0
     parts = {"items_p99": items, "items_p50": items50, "cpu": cpu, "busy": busy, "boost": boost,
-             "bursty": bursty, "use": max(cpu, items50) / period_ns, "throttled": overran or saturated or (in_force and behind)}
+             "bursty": bursty, "use": max(cpu, items50) / period_ns,
+             "throttled": overran or saturated or (in_force and behind)}
     parts["robust"] = max(cpu, items50)
     need = parts["robust"] if parts["throttled"] else max(items, cpu, busy)
     return need, parts
