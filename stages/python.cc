@@ -491,6 +491,7 @@ void PythonStage::ExtraStats(StatsSink& sink) const {
     sink.Histogram("budget_cpu_overshoot_seconds", python_->cpu_overshoot_ns);
     sink.Histogram("budget_interrupt_delay_seconds", w.interrupt_delay_ns);
     sink.Value("budget_late_interrupts_total", static_cast<double>(w.late_interrupts.Get()));
+    sink.Value("budget_ended_past_budget_total", static_cast<double>(w.ended_past_budget.Get()));
     sink.Value("process_rss_bytes", static_cast<double>(ReadRssBytes()));
     sink.Value("python_heap_bytes", static_cast<double>(WrappedLiveBytes()));
   }

@@ -111,14 +111,15 @@ class Watchdog {
 
   // Around each handler call, on the lane's thread (with the GIL held).
   void Begin(int lane, uint64_t seq, int64_t now_ns, int64_t budget_ns, const char* label);
-  // Returns true if the CPU budget was enforced for this request. Clears a late async
-  // exception aimed at it.
+  // Returns true if the request ran past its CPU budget: interrupted, or ended past its deadline
+  // before the interrupt came. Clears a late async exception aimed at it.
   bool End(int lane);
 
   bool rss_over_limit() const { return rss_over_.load(std::memory_order_relaxed); }
 
   Counter cpu_interrupts;   // BudgetExceeded raised
   Counter late_interrupts;  // an interrupt that found its request already gone (a no-op)
+  Counter ended_past_budget;  // handlers that returned past their budget before any interrupt
   Counter stuck_handlers;   // handlers past the hard limit
   Counter rss_sheds;        // transitions into the RSS guard
   LatencyHistogram interrupt_delay_ns;  // deadline -> the interrupt was issued

@@ -136,6 +136,16 @@ class CpuBudget(unittest.TestCase):
             self.assertEqual(get(srv, "/async-hog-light?ms=5")[0].status, 200)
             self.assertEqual(get(srv, "/async-hog?ms=5")[0].status, 200)
 
+    def test_ended_past_budget_before_the_interrupt_is_503(self):
+        # The answer does not depend on the watchdog's timing: a handler that returns past its
+        # budget before any interrupt reached it (here: 1us, shorter than any look) is failed too.
+        with Server(budget_config()) as srv:
+            for _ in range(20):
+                r, _ = get(srv, "/tiny-budget")
+                self.assertEqual((r.status, r.header("metronome-budget")), (503, "cpu"))
+            self.assertGreater(stage_extra(admin_stats(srv), "python", "budget_ended_past_budget_total"), 0)
+            self.assertEqual(get(srv, "/json")[0].status, 200)
+
     def test_route_budget_from_decorator_and_yaml(self):
         extra = "  routes:\n    - {path: /budget-yaml, method: GET, cpu: 30ms}"
         with Server(budget_config(extra_python=extra)) as srv:

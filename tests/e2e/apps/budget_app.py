@@ -118,6 +118,12 @@ def budget_20ms(req):
     return "done"
 
 
+@app.get("/tiny-budget", cpu_budget="1us")
+def tiny_budget(req):
+    """Always past its budget, and usually done before the watchdog's next look (>= 100 us)."""
+    return {"sum": sum(range(2000))}
+
+
 @app.get("/budget-yaml")
 def budget_yaml(req):
     burn(200)
