@@ -1434,7 +1434,10 @@ TEST_F(RequestTest, NoLeaksOverManyConversions) {
     EXPECT_EQ(Py_REFCNT(reused[k]), refs[k]) << "object " << k << ": " << Repr(reused[k]);
   }
   printf("allocated blocks over %d iterations: %zd -> %zd\n", kIterations, before, after);
-  EXPECT_LE(after - before, 50) << "allocated blocks grew from " << before << " to " << after;
+  // A leak of one block per iteration would be 100,000 blocks; caches, free lists and dict
+  // layouts (hash seeds differ per run) move the count by 0 to ~120 (seen), so 1 % of the
+  // iterations separates the two without flaking.
+  EXPECT_LE(after - before, kIterations / 100) << "allocated blocks grew from " << before << " to " << after;
 }
 
 }  // namespace
