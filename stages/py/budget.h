@@ -117,11 +117,11 @@ class Watchdog {
 
   bool rss_over_limit() const { return rss_over_.load(std::memory_order_relaxed); }
 
-  Counter cpu_interrupts;   // BudgetExceeded raised
-  Counter late_interrupts;  // an interrupt that found its request already gone (a no-op)
+  Counter cpu_interrupts;     // BudgetExceeded raised
+  Counter late_interrupts;    // an interrupt that found its request already gone (a no-op)
   Counter ended_past_budget;  // handlers that returned past their budget before any interrupt
-  Counter stuck_handlers;   // handlers past the hard limit
-  Counter rss_sheds;        // transitions into the RSS guard
+  Counter stuck_handlers;     // handlers past the hard limit
+  Counter rss_sheds;          // transitions into the RSS guard
   LatencyHistogram interrupt_delay_ns;  // deadline -> the interrupt was issued
 
  private:
