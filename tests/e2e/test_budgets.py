@@ -139,7 +139,8 @@ class CpuBudget(unittest.TestCase):
     def test_ended_past_budget_before_the_interrupt_is_503(self):
         # The answer does not depend on the watchdog's timing: a handler that returns past its
         # budget before any interrupt reached it (here: 1us, shorter than any look) is failed too.
-        with Server(budget_config()) as srv:
+        extra = "  routes:\n    - {path: /tiny-budget, cpu: 1us}"
+        with Server(budget_config(extra_python=extra)) as srv:
             for _ in range(20):
                 r, _ = get(srv, "/tiny-budget")
                 self.assertEqual((r.status, r.header("metronome-budget")), (503, "cpu"))

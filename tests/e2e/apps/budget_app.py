@@ -118,9 +118,10 @@ def budget_20ms(req):
     return "done"
 
 
-@app.get("/tiny-budget", cpu_budget="1us")
+@app.get("/tiny-budget")
 def tiny_budget(req):
-    """Always past its budget, and usually done before the watchdog's next look (>= 100 us)."""
+    """Given 1us by its test (a YAML override, so that other servers keep their watchdog's pace):
+    always past its budget, and usually done before the watchdog's next look (>= 100 us)."""
     return {"sum": sum(range(2000))}
 
 
