@@ -208,9 +208,9 @@ bool Watchdog::End(int lane) {
   const uint64_t seq = l.seq.load(std::memory_order_relaxed);
   l.seq.store(0, std::memory_order_release);
   const bool fired = l.fired_seq.load(std::memory_order_acquire) == seq;
-  // Past its budget, yet not interrupted: the watchdog was late (measured on this VM, which has
-  // host steal time: once in ~20k interrupts it was issued ~2 ms after the deadline). The
-  // request exceeded its budget all the same; the answer must not depend on the watchdog.
+  // Past its budget, yet not interrupted: the watchdog was late (seen on this VM about once in
+  // 20k interrupts, issued ~2 ms after the deadline; the cause is not known). The request
+  // exceeded its budget all the same; the answer must not depend on the watchdog's timing.
   const bool ended_past = !fired && MonotonicNowNs() > l.deadline_ns.load(std::memory_order_relaxed);
   if (ended_past) ended_past_budget.Add();
   if (fired && !l.main_thread) {
