@@ -50,6 +50,33 @@ def connection_inodes(port):
     return out
 
 
+def connection_states(port):
+    """{TCP state (hex, as /proc/net/tcp gives it): count} of the connections on `port`."""
+    states = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] != "0A":
+                states[fields[3]] = states.get(fields[3], 0) + 1
+    return states
+
+
+def fd_links(server):
+    """What each of the server's fds is (for a failure message)."""
+    out = []
+    for fd in sorted(os.listdir(f"/proc/{server.pid}/fd"), key=int):
+        try:
+            out.append(f"{fd}:{os.readlink(f'/proc/{server.pid}/fd/{fd}')}")
+        except FileNotFoundError:
+            continue
+    return " ".join(out)
+
+
 def server_connection_fds(server):
     """How many of the server's fds are sockets of accepted connections."""
     inodes = connection_inodes(server.port)
@@ -271,8 +298,11 @@ limits:
     def assertSettled(self):
         self.assertIsNone(self.server.proc.poll(), "the server died:\n" + self.server.read_log())
         self.assertTrue(served(self.server))
-        self.assertEqual(settled_fd_count(self.server, self.baseline), self.baseline,
-                         "the server's fd count did not come back to its baseline")
+        count = settled_fd_count(self.server, self.baseline)
+        if count != self.baseline:
+            self.fail(f"the server's fd count did not come back to its baseline: {count} != {self.baseline}; "
+                      f"{server_connection_fds(self.server)} connection sockets still open, "
+                      f"TCP states {connection_states(self.server.port)}, fds {fd_links(self.server)}")
 
     def test_big_body(self):
         with self.server.connect(timeout=30) as s:
