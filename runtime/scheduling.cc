@@ -62,6 +62,13 @@ const char* WaitModeName(WaitMode w) {
   return "?";
 }
 
+int ResetThreadToOther(int tid) {
+  SchedAttr attr{};
+  attr.size = sizeof attr;
+  attr.sched_policy = SCHED_OTHER;
+  return static_cast<int>(syscall(SYS_sched_setattr, tid, &attr, 0));
+}
+
 absl::Status ApplyToCurrentThread(const SchedParams& p) {
   if (p.policy == Policy::kOther) {
     SchedAttr attr{};

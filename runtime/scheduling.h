@@ -42,6 +42,10 @@ struct SchedParams {
 // naming the likely cause and the fix.
 absl::Status ApplyToCurrentThread(const SchedParams& params);
 
+// Moves thread `tid` back to SCHED_OTHER (nice 0). Async-signal-safe: one system call, no
+// allocation. Returns 0, or -1 with errno set.
+int ResetThreadToOther(int tid);
+
 // What the kernel's admission control accepts in total for SCHED_DEADLINE, in CPUs:
 // online CPUs x (sched_rt_runtime_us / sched_rt_period_us), minus the fair server's reservation
 // (kernel >= 6.12 reserves 50 ms per second per CPU for SCHED_OTHER; read from debugfs when

@@ -1,13 +1,13 @@
 #include "runtime/signals.h"
 
 #include <signal.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cstdint>
 #include <cstring>
+
+#include "runtime/scheduling.h"
 
 namespace metronome {
 namespace {
@@ -16,15 +16,6 @@ std::atomic<int> g_stop_signals{0};
 std::atomic<int> g_deadline_tids[kDeadlineThreadsMax];
 std::atomic<int> g_deadline_count{0};
 
-// struct sched_attr (v1), as in scheduling.cc; SCHED_OTHER is policy 0.
-struct OtherAttr {
-  uint32_t size = sizeof(OtherAttr);
-  uint32_t sched_policy = 0;
-  uint64_t sched_flags = 0;
-  int32_t sched_nice = 0;
-  uint32_t sched_priority = 0;
-  uint64_t sched_runtime = 0, sched_deadline = 0, sched_period = 0;
-};
 void (*g_on_stop)(void*) = nullptr;
 void* g_arg = nullptr;
 
@@ -33,11 +24,10 @@ void OnStopSignal(int signo) {
     static const char kMsg[] = "second stop signal: exiting now without draining\n";
     ssize_t n = write(STDERR_FILENO, kMsg, sizeof kMsg - 1);
     (void)n;
-    OtherAttr attr;
     int count = std::min(g_deadline_count.load(), kDeadlineThreadsMax);
     for (int i = 0; i < count; ++i) {
       int tid = g_deadline_tids[i].load();
-      if (tid > 0) syscall(SYS_sched_setattr, tid, &attr, 0);  // async-signal-safe: a syscall
+      if (tid > 0) ResetThreadToOther(tid);
     }
     _exit(128 + signo);
   }

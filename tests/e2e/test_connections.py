@@ -1,6 +1,7 @@
 """End-to-end connection handling: timeouts, many connections, resets, max_connections,
 graceful shutdown, and the scheduling of the default pipeline's threads.
 """
+import collections
 import os
 import re
 import signal
@@ -33,26 +34,9 @@ def rst_close(sock):
     sock.close()
 
 
-def connection_inodes(port):
-    """Socket inodes of the TCP connections (not listeners) whose local port is `port`."""
-    out = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.readlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] != "0A":
-                out.add(fields[9])
-    return out
-
-
-def connection_states(port):
-    """{TCP state (hex, as /proc/net/tcp gives it): count} of the connections on `port`."""
-    states = {}
+def port_connections(port):
+    """(TCP state in hex as /proc/net/tcp gives it, socket inode) of each connection, not the
+    listener, whose local port is `port`."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
@@ -62,34 +46,35 @@ def connection_states(port):
         for line in lines:
             fields = line.split()
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] != "0A":
-                states[fields[3]] = states.get(fields[3], 0) + 1
-    return states
+                yield fields[3], fields[9]
+
+
+def connection_states(port):
+    """{TCP state: count} of the connections on `port` (for a failure message)."""
+    return dict(collections.Counter(state for state, _ in port_connections(port)))
+
+
+def server_fd_links(server):
+    """[(fd, what it links to)] of the server's open fds."""
+    out = []
+    for fd in sorted(os.listdir(f"/proc/{server.pid}/fd"), key=int):
+        try:
+            out.append((fd, os.readlink(f"/proc/{server.pid}/fd/{fd}")))
+        except FileNotFoundError:
+            continue  # closed while we looked
+    return out
 
 
 def fd_links(server):
     """What each of the server's fds is (for a failure message)."""
-    out = []
-    for fd in sorted(os.listdir(f"/proc/{server.pid}/fd"), key=int):
-        try:
-            out.append(f"{fd}:{os.readlink(f'/proc/{server.pid}/fd/{fd}')}")
-        except FileNotFoundError:
-            continue
-    return " ".join(out)
+    return " ".join(f"{fd}:{link}" for fd, link in server_fd_links(server))
 
 
 def server_connection_fds(server):
     """How many of the server's fds are sockets of accepted connections."""
-    inodes = connection_inodes(server.port)
-    n = 0
-    for fd in os.listdir(f"/proc/{server.pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{server.pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        m = re.fullmatch(r"socket:\[(\d+)\]", link)
-        if m and m.group(1) in inodes:
-            n += 1
-    return n
+    inodes = {inode for _, inode in port_connections(server.port)}
+    return sum(1 for _, link in server_fd_links(server)
+               if (m := re.fullmatch(r"socket:\[(\d+)\]", link)) and m.group(1) in inodes)
 
 
 def wait_for(predicate, timeout=5.0, interval=0.02):
