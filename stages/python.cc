@@ -344,8 +344,9 @@ void PythonStage::Handle(http::Request* r) {
                                               n > 0 ? h.kwnames : nullptr)
                         : nullptr;
   SetMemoryAccount(nullptr);
-  const bool cpu_fired = GlobalWatchdog().End(watch_);
-  const int64_t dt = MonotonicNowNs() - t0;
+  const int64_t t1 = MonotonicNowNs();
+  const bool cpu_fired = GlobalWatchdog().End(watch_, t1);
+  const int64_t dt = t1 - t0;
   lane.busy_since_ns.store(0, std::memory_order_relaxed);
   for (int i = 0; i < n; ++i) Py_DECREF(args[2 + i]);
   stats.calls.Add();

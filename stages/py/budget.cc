@@ -203,7 +203,7 @@ void Watchdog::Begin(int lane, uint64_t seq, int64_t now_ns, int64_t budget_ns, 
   l.seq.store(seq, std::memory_order_release);
 }
 
-bool Watchdog::End(int lane) {
+bool Watchdog::End(int lane, int64_t now_ns) {
   Lane& l = lanes_[lane];
   const uint64_t seq = l.seq.load(std::memory_order_relaxed);
   l.seq.store(0, std::memory_order_release);
@@ -211,7 +211,7 @@ bool Watchdog::End(int lane) {
   // Past its budget, yet not interrupted: the watchdog was late (seen on this VM about once in
   // 20k interrupts, issued ~2 ms after the deadline; the cause is not known). The request
   // exceeded its budget all the same; the answer must not depend on the watchdog's timing.
-  const bool ended_past = !fired && MonotonicNowNs() > l.deadline_ns.load(std::memory_order_relaxed);
+  const bool ended_past = !fired && now_ns > l.deadline_ns.load(std::memory_order_relaxed);
   if (ended_past) ended_past_budget.Add();
   if (fired && !l.main_thread) {
     // An async exception that did not get raised in time would hit this thread's next Python

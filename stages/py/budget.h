@@ -111,9 +111,10 @@ class Watchdog {
 
   // Around each handler call, on the lane's thread (with the GIL held).
   void Begin(int lane, uint64_t seq, int64_t now_ns, int64_t budget_ns, const char* label);
-  // Returns true if the request ran past its CPU budget: interrupted, or ended past its deadline
-  // before the interrupt came. Clears a late async exception aimed at it.
-  bool End(int lane);
+  // Returns true if the request ran past its CPU budget: interrupted, or ended (at `now_ns`,
+  // when the handler returned) past its deadline before the interrupt came. Clears a late async
+  // exception aimed at it.
+  bool End(int lane, int64_t now_ns);
 
   bool rss_over_limit() const { return rss_over_.load(std::memory_order_relaxed); }
 
