@@ -29,6 +29,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "runtime/clock.h"
 #include "runtime/config.h"
 #include "runtime/queue.h"
 #include "runtime/registry.h"
@@ -169,7 +170,5 @@ class Pipeline {
   bool go_ = false;
   bool abort_start_ = false;
 };
-
-int64_t MonotonicNowNs();
 
 }  // namespace metronome

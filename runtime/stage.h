@@ -5,8 +5,14 @@
 //   2. Configure(): reads its pipeline entry and any top-level sections it owns; validation only,
 //      no resources (this is all `metronome check` runs).
 //   3. Start(): acquires resources on the stage's own lane thread, before the lane's scheduling
-//      policy is applied (so it may allocate, bind sockets, create rings). Lanes start one by one:
-//      the main-thread lane first, then the others in pipeline order.
+//      policy is applied (so it may allocate, bind sockets, create rings) and publishes what
+//      other stages will read (into StageEnv::Shared objects). Lanes start one by one: the
+//      main-thread lane first, then the others in pipeline order, so a stage must not read in
+//      Start what another stage publishes in its Start.
+//   3b. Connect(): after every stage's Start, before any lane runs its loop: reads what the
+//      others published (route builds its router from the python stage's routes here). On the
+//      starting thread, stage by stage in pipeline order, single-threaded; an error stops the
+//      server before it serves anything.
 //   4. The lane loop calls Process() with batches from its input, OnCompletion() for the lane's
 //      io_uring, Poll() for sources, Tick() when asked.
 //   5. BeginStop() once when shutdown begins: stop taking new work. The lane finishes when its
@@ -30,6 +36,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "runtime/clock.h"
 #include "runtime/config.h"
 #include "runtime/item.h"
 #include "runtime/stats.h"
@@ -57,8 +64,6 @@ class StatsSink {
 };
 class Waker;
 class Pipeline;
-
-inline constexpr int64_t kNeverNs = std::numeric_limits<int64_t>::max();
 
 // What the runtime offers a stage beyond its config.
 class StageEnv {
@@ -111,6 +116,11 @@ class Stage {
   // (ConfigNode::Error); the returned status is for anything else.
   virtual absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) = 0;
   virtual absl::Status Start(StageEnv& env) {
+    (void)env;
+    return absl::OkStatus();
+  }
+
+  virtual absl::Status Connect(StageEnv& env) {
     (void)env;
     return absl::OkStatus();
   }

@@ -361,8 +361,7 @@ void ParseStage::Respond(Conn* c, int status, absl::string_view reason, Outbox& 
   r->resp.body_storage.push_back('\n');
   r->resp.body = r->resp.body_storage;
   r->resp.close = true;
-  r->responded = true;
-  out.EmitTo(serialize_, r);
+  AnswerEarly(r, serialize_, out);
 }
 
 void ParseStage::EndConnection(Conn* c, Outbox& out) {

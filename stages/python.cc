@@ -26,7 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
-#include "runtime/pipeline.h"
+#include "runtime/clock.h"
 #include "runtime/registry.h"
 #include "runtime/units.h"
 #include "stages/py/convert.h"
@@ -37,9 +37,7 @@ namespace metronome::py {
 namespace {
 
 constexpr std::string_view kText = "text/plain; charset=utf-8";
-// A lane whose handler has run this long counts as occupied when dispatching: requests go to a
-// lane that is free or about to be.
-constexpr int64_t kLaneOccupiedNs = 2 * kNanosPerMilli;
+static_assert(Watchdog::kLanesMax >= http::kPythonLanesMax, "the watchdog watches every python lane");
 
 // Calls app.<name>() if the app has it; returns an error with the traceback if it raised.
 absl::Status CallHook(PyObject* app, const char* name) {
@@ -75,50 +73,22 @@ int64_t OptionInt(PyObject* options, const char* key) {
 
 }  // namespace
 
-int PythonShared::ChooseLane(const http::RouteTarget& target) const {
-  const int64_t now = MonotonicNowNs();
-  const Serves want = target.heavy ? Serves::kHeavy : Serves::kLight;
-  // Lanes dedicated to this class of route first; lanes serving all routes otherwise.
-  bool dedicated = false;
-  for (const auto& l : lanes) dedicated |= l->serves == want;
-  int best = -1;
-  int64_t best_score = INT64_MAX;
-  for (size_t i = 0; i < lanes.size(); ++i) {
-    const Lane& l = *lanes[i];
-    if (l.serves != (dedicated ? want : Serves::kAll)) continue;
-    // Fewest requests waiting wins; a lane busy with a long handler only if nothing else fits.
-    int64_t busy = l.busy_since_ns.load(std::memory_order_relaxed);
-    int64_t score = l.backlog.load(std::memory_order_relaxed);
-    if (busy != 0 && now - busy > kLaneOccupiedNs) score += 1'000'000 + (now - busy) / kNanosPerMilli;
-    if (score < best_score) {
-      best_score = score;
-      best = static_cast<int>(i);
-    }
-  }
-  if (best < 0) best = 0;  // no lane for this class: the main lane takes it
-  return lanes[static_cast<size_t>(best)]->stage_index;
-}
-
-void PythonShared::Dispatched(int stage) {
-  for (auto& l : lanes) {
-    if (l->stage_index == stage) l->backlog.fetch_add(1, std::memory_order_relaxed);
-  }
-}
-
 absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& env) {
   shared_ = &http::GetHttpShared(env, root, &http_config_);
   routes_ = &env.Shared<http::RouteTable>("routes");
   python_ = &env.Shared<PythonShared>("python");
   serialize_ = env.FindStageOfType("serialize");
   if (serialize_ < 0) return absl::InvalidArgumentError("python needs a serialize stage after it");
+  dispatch_ = &env.Shared<http::Dispatch>("dispatch");
   std::string serves = entry.Enum("serves", "all", {"all", "light", "heavy"});
-  auto lane = std::make_unique<PythonShared::Lane>();
-  lane->stage_index = env.stage_index();
-  lane->serves = serves == "light" ? PythonShared::Serves::kLight
-                 : serves == "heavy" ? PythonShared::Serves::kHeavy : PythonShared::Serves::kAll;
-  lane_ = static_cast<int>(python_->lanes.size());
+  lane_ = dispatch_->AddLane(env.stage_index(), serves == "light"   ? http::Dispatch::Serves::kLight
+                                                : serves == "heavy" ? http::Dispatch::Serves::kHeavy
+                                                                    : http::Dispatch::Serves::kAll);
+  if (lane_ < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("at most ", http::kPythonLanesMax,
+                                                   " python stages (the budget watchdog's lane table)"));
+  }
   main_ = lane_ == 0;
-  python_->lanes.push_back(std::move(lane));
 
   ConfigNode py = root.Map("python");
   app_spec_ = py.String("app", std::nullopt);
@@ -192,10 +162,6 @@ absl::Status PythonStage::StartMain() {
   }();
   saved_ = PyEval_SaveThread();
   if (!result.ok()) return result;
-  if (python_->lanes.size() > 1) {
-    routes_->choose = [p = python_](const http::RouteTarget& t) { return p->ChooseLane(t); };
-    routes_->dispatched = [p = python_](int stage) { p->Dispatched(stage); };
-  }
   LOG_INFO("python: %s loaded with %zu routes; budgets: cpu %s, memory %s, hard %s%s; %zu python lane(s)",
            app_spec_.c_str(), python_->handlers.size(), FormatDuration(python_->cpu_budget_ns).c_str(),
            FormatSize(static_cast<uint64_t>(python_->memory_budget_bytes)).c_str(),
@@ -203,7 +169,7 @@ absl::Status PythonStage::StartMain() {
            watchdog_options_.rss_limit_bytes > 0
                ? absl::StrCat(", rss_limit ", FormatSize(static_cast<uint64_t>(watchdog_options_.rss_limit_bytes))).c_str()
                : "",
-           python_->lanes.size());
+           static_cast<size_t>(dispatch_->lanes()));
   return absl::OkStatus();
 }
 
@@ -276,8 +242,6 @@ absl::Status PythonStage::LoadRoutes() {
 }
 
 void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
-  PythonShared::Lane& lane = *python_->lanes[static_cast<size_t>(lane_)];
-  const bool dispatched = python_->lanes.size() > 1;
   PyEval_RestoreThread(saved_);
   for (Item* it : batch) {
     auto* r = static_cast<http::Request*>(it);
@@ -300,7 +264,7 @@ void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
       }
     }
     ReleaseRequestObject(r);
-    if (dispatched) lane.backlog.fetch_sub(1, std::memory_order_relaxed);
+    dispatch_->Done(lane_);
     out.EmitTo(serialize_, r);
   }
   saved_ = PyEval_SaveThread();
@@ -335,9 +299,8 @@ void PythonStage::Handle(http::Request* r) {
   account_ = MemoryAccount{};
   account_.cap = target.memory_budget_bytes > 0 ? static_cast<int64_t>(target.memory_budget_bytes) : python_->memory_budget_bytes;
   const uint64_t seq = ++seq_;
-  PythonShared::Lane& lane = *python_->lanes[static_cast<size_t>(lane_)];
   const int64_t t0 = MonotonicNowNs();
-  lane.busy_since_ns.store(t0, std::memory_order_relaxed);
+  dispatch_->Busy(lane_, t0);
   GlobalWatchdog().Begin(watch_, seq, t0, cpu_ns, stats.label.c_str());
   SetMemoryAccount(&account_);
   PyObject* result = ok ? PyObject_Vectorcall(h.callable, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
@@ -347,7 +310,7 @@ void PythonStage::Handle(http::Request* r) {
   const int64_t t1 = MonotonicNowNs();
   const bool cpu_fired = GlobalWatchdog().End(watch_, t1);
   const int64_t dt = t1 - t0;
-  lane.busy_since_ns.store(0, std::memory_order_relaxed);
+  dispatch_->Idle(lane_);
   for (int i = 0; i < n; ++i) Py_DECREF(args[2 + i]);
   stats.calls.Add();
   stats.handler_ns.Add(static_cast<uint64_t>(dt));

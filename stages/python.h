@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "runtime/stage.h"
+#include "stages/http/dispatch.h"
 #include "stages/http/router.h"
 #include "stages/http/shared.h"
 #include "stages/py/budget.h"
@@ -41,20 +42,6 @@ struct PythonShared {
     std::unique_ptr<RouteStats> stats;
   };
   std::vector<Handler> handlers;
-
-  // The python lanes (one per python stage instance), in pipeline order.
-  enum class Serves : uint8_t { kAll, kLight, kHeavy };
-  struct Lane {
-    int stage_index = -1;
-    Serves serves = Serves::kAll;
-    std::atomic<int64_t> busy_since_ns{0};  // the running handler's start, 0 when idle
-    std::atomic<int32_t> backlog{0};        // dispatched and not yet done
-  };
-  std::vector<std::unique_ptr<Lane>> lanes;
-  // The stage of the lane for a request of this route (see python.cc); no side effect.
-  int ChooseLane(const http::RouteTarget& target) const;
-  // Counts a request handed to that lane into its backlog.
-  void Dispatched(int stage);
 
   // Defaults (python.budget); a route's own budgets override them.
   int64_t cpu_budget_ns = 0;
@@ -90,7 +77,8 @@ class PythonStage : public Stage {
   };
 
   bool main_ = false;
-  int lane_ = -1;          // index in PythonShared::lanes
+  int lane_ = -1;          // this stage's lane in the Dispatch
+  http::Dispatch* dispatch_ = nullptr;
   int watch_ = -1;         // index in the watchdog
   int serialize_ = -1;
   std::string app_spec_;

@@ -13,7 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
-#include "runtime/pipeline.h"
+#include "runtime/clock.h"
 #include "runtime/registry.h"
 #include "stages/py/convert.h"
 #include "stages/py/interpreter.h"
@@ -75,6 +75,7 @@ absl::Status PythonPluginStage::Configure(ConfigNode entry, ConfigNode root, Sta
   python_ = &env.Shared<PythonShared>("python");
   serialize_ = env.FindStageOfType("serialize");
   routes_ = &env.Shared<http::RouteTable>("routes");
+  dispatch_ = &env.Shared<http::Dispatch>("dispatch");
   last_ = env.FindStageOfType("python-plugin") < 0;
   int python_stage = env.FindStageOfType("python");
   if (python_stage < 0) return absl::InvalidArgumentError("a python-plugin needs a python stage after it");
@@ -155,24 +156,16 @@ void PythonPluginStage::Process(std::span<Item* const> batch, Outbox& out) {
       Py_DECREF(result);
       r->plugins_seen |= 1u << index_;
       passed_.Add();
-      if (!last_ || !routes_->dispatching()) {
+      if (!last_) {
         out.Emit(r);
         continue;
       }
       // The last plugin picks the python lane, and sheds as route does when that lane is full.
       const http::RouteTarget& t = routes_->targets[static_cast<size_t>(r->route)];
-      if (int to = routes_->choose(t); !out.Congested(to)) {
-        routes_->dispatched(to);
-        out.EmitTo(to, r);
-        continue;
+      if (!dispatch_->Forward(r, t, /*to_python=*/true, -1, serialize_, http_config_.retry_after_s, out,
+                              &ReleaseRequestObject)) {
+        shed_.Add();
       }
-      shed_.Add();
-      LOG_RATE_LIMITED(LogLevel::kWarn, "plugin '%s': shed %s with 503: its python lane's queue is full",
-                       name_.c_str(), t.pattern.c_str());
-      r->resp.SetBusy(http_config_.retry_after_s);
-      r->responded = true;
-      ReleaseRequestObject(r);
-      out.EmitTo(serialize_, r);
       continue;
     }
     r->resp.Reset();
@@ -192,9 +185,8 @@ void PythonPluginStage::Process(std::span<Item* const> batch, Outbox& out) {
       Py_DECREF(result);
     }
     answered_.Add();
-    r->responded = true;
     ReleaseRequestObject(r);
-    out.EmitTo(serialize_, r);
+    http::AnswerEarly(r, serialize_, out);
   }
   saved_ = PyEval_SaveThread();
 }

@@ -36,6 +36,7 @@ class PythonPluginStage : public Stage {
   int serialize_ = -1;
   bool last_ = false;  // the last plugin dispatches to a python lane
   http::RouteTable* routes_ = nullptr;
+  http::Dispatch* dispatch_ = nullptr;
   PyThreadState* saved_ = nullptr;
   Counter answered_, passed_, errors_, shed_;
   Counter gil_wait_ns_;  // time spent waiting to take the GIL (the price of a plugin thread)

@@ -19,6 +19,7 @@ absl::Status RouteStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& 
   (void)entry;
   GetHttpShared(env, root, &config_);
   table_ = &env.Shared<RouteTable>("routes");
+  dispatch_ = &env.Shared<Dispatch>("dispatch");
   serialize_ = env.FindStageOfType("serialize");
   if (serialize_ < 0) return absl::InvalidArgumentError("route needs a serialize stage after it");
   if (serialize_ > env.stage_index() + 1) next_ = env.stage_index() + 1;
@@ -41,7 +42,9 @@ absl::Status RouteStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& 
   return absl::OkStatus();
 }
 
-absl::Status RouteStage::Start(StageEnv& env) {
+// The python stages publish their routes in Start; the router is built here, once every stage
+// started, whatever order the lanes started in.
+absl::Status RouteStage::Connect(StageEnv& env) {
   (void)env;
   for (RouteTarget& t : native_) table_->targets.push_back(t);
   for (size_t i = 0; i < table_->targets.size(); ++i) {
@@ -50,7 +53,10 @@ absl::Status RouteStage::Start(StageEnv& env) {
       return absl::FailedPreconditionError(absl::StrCat("route ", MethodName(t.method), " ", t.pattern,
                                                         " needs a python stage after route"));
     }
-    if (absl::Status s = router_.Add(t.pattern, t.method, static_cast<int>(i)); !s.ok()) return s;
+    if (absl::Status s = router_.Add(t.pattern, t.method, static_cast<int>(i)); !s.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          t.kind == RouteTarget::Kind::kNative ? "native route (routes: in the config) " : "", s.message()));
+    }
   }
   LOG_INFO("route table: %zu routes", router_.size());
   return absl::OkStatus();
@@ -60,8 +66,7 @@ void RouteStage::Answer(Request* r, int status, absl::string_view body, Outbox& 
   r->resp.status = status;
   r->resp.content_type = "text/plain; charset=utf-8";
   r->resp.body = std::string_view(body.data(), body.size());
-  r->responded = true;
-  out.EmitTo(serialize_, r);
+  AnswerEarly(r, serialize_, out);
 }
 
 void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
@@ -100,26 +105,11 @@ void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
       r->resp.status = t.status;
       r->resp.content_type = t.content_type;
       r->resp.body = t.body;
-      r->responded = true;
-      out.EmitTo(serialize_, r);
+      AnswerEarly(r, serialize_, out);
       continue;
     }
     // The lane this request would go to decides: a full heavy lane sheds heavy work only.
-    const bool dispatch = dispatch_here_ && table_->dispatching();
-    const int to = dispatch ? table_->choose(t) : next_;
-    if (out.Congested(to)) {
-      shed_.Add();
-      LOG_RATE_LIMITED(LogLevel::kWarn, "shed %s %.*s with 503: the Python queue is full",
-                       MethodName(h.method_id), static_cast<int>(h.path.size()), h.path.data());
-      r->resp.SetBusy(config_.retry_after_s);
-      r->responded = true;
-      out.EmitTo(serialize_, r);
-      continue;
-    }
-    // Past plugins the next stage is the first python lane; with several lanes the python
-    // stage's dispatcher picks one (a plugin in between dispatches instead).
-    if (dispatch) table_->dispatched(to);
-    out.EmitTo(to, r);
+    if (!dispatch_->Forward(r, t, dispatch_here_, next_, serialize_, config_.retry_after_s, out)) shed_.Add();
   }
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "runtime/stage.h"
+#include "stages/http/dispatch.h"
 #include "stages/http/router.h"
 #include "stages/http/shared.h"
 
@@ -11,7 +12,7 @@ namespace metronome::http {
 class RouteStage : public Stage {
  public:
   absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
-  absl::Status Start(StageEnv& env) override;
+  absl::Status Connect(StageEnv& env) override;
   void Process(std::span<Item* const> batch, Outbox& out) override;
   void ExtraStats(StatsSink& sink) const override;
 
@@ -24,7 +25,8 @@ class RouteStage : public Stage {
   Router router_;
   int serialize_ = -1;
   int next_ = -1;  // the stage after route (python or a plugin), when there is one
-  bool dispatch_here_ = true;
+  bool dispatch_here_ = true;  // no plugin in between: route picks the python lane
+  Dispatch* dispatch_ = nullptr;
   Counter found_, not_found_, not_allowed_, not_implemented_, shed_;
 };
 

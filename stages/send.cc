@@ -22,7 +22,7 @@
 #include "runtime/log.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/outbox.h"
-#include "runtime/pipeline.h"
+#include "runtime/clock.h"
 #include "runtime/registry.h"
 #include "runtime/strings.h"
 #include "runtime/uring.h"

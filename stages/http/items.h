@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "runtime/item.h"
+#include "runtime/outbox.h"
 #include "runtime/queue.h"
 #include "stages/http/conn.h"
 #include "stages/http/parser.h"
@@ -152,6 +153,13 @@ class RequestPool {
   std::unique_ptr<moodycamel::ConsumerToken> take_token_;
   std::atomic<size_t> in_use_{0};
 };
+
+// Answers r now: its response (already filled) is final and it skips ahead to serialize, past
+// any stage in between. Every early answer (errors, sheds, plugins) goes through here.
+inline void AnswerEarly(Request* r, int serialize, Outbox& out) {
+  r->responded = true;
+  out.EmitTo(serialize, r);
+}
 
 const char* ReasonPhrase(int status);
 

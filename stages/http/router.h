@@ -58,9 +58,7 @@ class Router {
   size_t routes_ = 0;
 };
 
-// What a route leads to. The table is shared (StageEnv::Shared<RouteTable>("routes")): the
-// python stage adds its app's routes in its Start (its lane starts first: it is the main
-// thread), the route stage adds the config's native routes and builds the Router in its Start.
+// What a route leads to.
 struct RouteTarget {
   enum class Kind : uint8_t { kNative, kPython };
   Kind kind = Kind::kNative;
@@ -77,15 +75,11 @@ struct RouteTarget {
   bool heavy = false;
 };
 
+// Every route's target, native and Python (StageEnv::Shared<RouteTable>("routes")): the python
+// stage adds its app's routes in its Start, the route stage adds the config's native routes and
+// builds the Router in its Connect. Read-only once the pipeline runs.
 struct RouteTable {
   std::vector<RouteTarget> targets;
-  // Where a Python route's request goes, set by the python stage when there is more than one
-  // python lane; unset means "the next stage". `choose` picks the lane's stage and changes
-  // nothing, so that the caller can still shed the request by that lane's congestion;
-  // `dispatched` then counts the request into the lane's backlog (the lane counts it out).
-  std::function<int(const RouteTarget&)> choose;
-  std::function<void(int stage)> dispatched;
-  bool dispatching() const { return static_cast<bool>(choose); }
 };
 
 const char* MethodName(Method m);

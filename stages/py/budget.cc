@@ -9,7 +9,7 @@
 #include <cstring>
 
 #include "runtime/log.h"
-#include "runtime/pipeline.h"
+#include "runtime/clock.h"
 #include "runtime/units.h"
 
 namespace metronome::py {
