@@ -151,6 +151,8 @@ void Lane::Run() {
       }
       RunLocal(s + 1);
     }
+    next_tick = std::min(next_tick, out_.tick_by_ns_);
+    out_.tick_by_ns_ = kNeverNs;
     if (now >= next_tick) next_tick = RunTicks(now);
     Flush(now);
 
@@ -178,7 +180,7 @@ void Lane::Run() {
       if (io_uring_cq_ready(ring_.raw()) > 0) continue;
     }
     if (worked) continue;
-    Wait(std::min(next_tick, drain_deadline));
+    Wait(std::min({next_tick, out_.tick_by_ns_, drain_deadline}));
   }
   done_.store(true, std::memory_order_release);
   // Let the next lane re-check its own finish condition.

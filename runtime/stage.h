@@ -85,6 +85,8 @@ class StageEnv {
   virtual Waker* lane_waker() = 0;
   // True under `metronome check`: Configure only, nothing will start.
   virtual bool check_only() const = 0;
+  // runtime.drain_timeout: how long the drain may take before the server gives up on it.
+  virtual int64_t drain_timeout_ns() const = 0;
   // Objects shared between stages of one pipeline, keyed by name and type, created on first
   // use by `make`. Only during Configure and Start (single-threaded).
   template <typename T>

@@ -38,6 +38,8 @@ namespace {
 
 constexpr std::string_view kText = "text/plain; charset=utf-8";
 static_assert(Watchdog::kLanesMax >= http::kPythonLanesMax, "the watchdog watches every python lane");
+// A stream that found the chunk pool empty tries again after this.
+constexpr int64_t kStreamPoolRetryNs = 5 * kNanosPerMilli;
 
 // Calls app.<name>() if the app has it; returns an error with the traceback if it raised.
 absl::Status CallHook(PyObject* app, const char* name) {
@@ -119,8 +121,11 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
 }
 
 absl::Status PythonStage::Start(StageEnv& env) {
-  (void)env;
   shared_->Setup(http_config_);
+  waker_ = env.lane_waker();
+  chunk_giver_ = shared_->body_chunks.MakeGiverToken();
+  drain_timeout_ns_ = env.drain_timeout_ns();
+  streams_.reserve(http_config_.max_inflight);
   if (main_) return StartMain();
   if (!python_->interpreter_ready) return absl::FailedPreconditionError("the main python stage did not start");
   PyGILState_Ensure();  // this thread's state, kept for the whole run
@@ -260,17 +265,53 @@ void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
         r->resp.body = "server over its memory limit; retry later\n";
         r->responded = true;
       } else {
-        Handle(r);
+        Handle(r, out);
       }
     }
     ReleaseRequestObject(r);
     dispatch_->Done(lane_);
+    assert(r->resp.stream_source == nullptr && "a stream source must not leave the python stage");
     out.EmitTo(serialize_, r);
+    // A stream started by this request: its first chunk follows its head.
+    if (!streams_.empty() && streams_.back().request == r && streams_.back().first != nullptr) {
+      Stream& st = streams_.back();
+      http::BodyChunk* first = st.first;
+      st.first = nullptr;
+      EmitChunk(st, first, out);
+    }
   }
   saved_ = PyEval_SaveThread();
 }
 
-void PythonStage::Handle(http::Request* r) {
+template <typename F>
+PyObject* PythonStage::Budgeted(const http::RouteTarget& target, RouteStats& stats, MemoryAccount* account, F call,
+                                Outcome* outcome, int64_t* elapsed_ns) {
+  const int64_t cpu_ns = target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns;
+  const uint64_t seq = ++seq_;
+  const int64_t t0 = MonotonicNowNs();
+  dispatch_->Busy(lane_, t0);
+  GlobalWatchdog().Begin(watch_, seq, t0, cpu_ns, stats.label.c_str());
+  SetMemoryAccount(account);
+  PyObject* result = call();
+  SetMemoryAccount(nullptr);
+  const int64_t t1 = MonotonicNowNs();
+  const bool cpu_fired = GlobalWatchdog().End(watch_, t1);
+  dispatch_->Idle(lane_);
+  *elapsed_ns = t1 - t0;
+  stats.handler_ns.Add(static_cast<uint64_t>(t1 - t0));
+  if (cpu_fired || account->exceeded) {
+    // The server fails the request itself, whatever the handler made of the exception.
+    Py_XDECREF(result);
+    PyErr_Clear();
+    *outcome = cpu_fired ? Outcome::kCpu : Outcome::kMemory;
+    return nullptr;
+  }
+  *outcome = result == nullptr ? Outcome::kRaised : Outcome::kOk;
+  return result;
+}
+
+void PythonStage::Handle(http::Request* r, Outbox& out) {
+  (void)out;
   const http::RouteTarget& target = routes_->targets[static_cast<size_t>(r->route)];
   PythonShared::Handler& h = python_->handlers[static_cast<size_t>(target.handler)];
   RouteStats& stats = *h.stats;
@@ -295,33 +336,20 @@ void PythonStage::Handle(http::Request* r) {
                                                    : DecodePercent(p.value.data(), p.value.size());
     if (v == nullptr) ok = false; else args[2 + n++] = v;
   }
-  const int64_t cpu_ns = target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns;
   account_ = MemoryAccount{};
   account_.cap = target.memory_budget_bytes > 0 ? static_cast<int64_t>(target.memory_budget_bytes) : python_->memory_budget_bytes;
-  const uint64_t seq = ++seq_;
-  const int64_t t0 = MonotonicNowNs();
-  dispatch_->Busy(lane_, t0);
-  GlobalWatchdog().Begin(watch_, seq, t0, cpu_ns, stats.label.c_str());
-  SetMemoryAccount(&account_);
-  PyObject* result = ok ? PyObject_Vectorcall(h.callable, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                              n > 0 ? h.kwnames : nullptr)
-                        : nullptr;
-  SetMemoryAccount(nullptr);
-  const int64_t t1 = MonotonicNowNs();
-  const bool cpu_fired = GlobalWatchdog().End(watch_, t1);
-  const int64_t dt = t1 - t0;
-  dispatch_->Idle(lane_);
+  Outcome outcome = Outcome::kRaised;
+  int64_t dt = 0;
+  PyObject* result = ok ? Budgeted(target, stats, &account_, [&] {
+    return PyObject_Vectorcall(h.callable, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, n > 0 ? h.kwnames : nullptr);
+  }, &outcome, &dt) : nullptr;
   for (int i = 0; i < n; ++i) Py_DECREF(args[2 + i]);
   stats.calls.Add();
-  stats.handler_ns.Add(static_cast<uint64_t>(dt));
   stats.handler_hist_ns.Record(static_cast<uint64_t>(dt));
   r->resp.Reset();
-  if (cpu_fired || account_.exceeded) {
-    // The server fails the request itself, whatever the handler made of the exception.
-    Py_XDECREF(result);
-    PyErr_Clear();
-    if (cpu_fired) {
-      BudgetFail(r, stats, "cpu", dt, cpu_ns);
+  if (outcome == Outcome::kCpu || outcome == Outcome::kMemory) {
+    if (outcome == Outcome::kCpu) {
+      BudgetFail(r, stats, "cpu", dt, target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns);
     } else {
       BudgetFail(r, stats, "memory", account_.peak, account_.cap);
       malloc_trim(0);  // give what the request touched back to the system
@@ -346,7 +374,301 @@ void PythonStage::Handle(http::Request* r) {
   }
   if (r->plugins_seen != 0) CallOnResponse(r, req);
   r->responded = true;
+  if (r->resp.stream_source != nullptr) StartStream(r, target, stats);
   if (r->resp.status >= 500) stats.errors.Add();
+}
+
+void PythonStage::StartStream(http::Request* r, const http::RouteTarget& target, RouteStats& stats) {
+  http::Response& resp = r->resp;
+  auto* iter = static_cast<PyObject*>(resp.stream_source);
+  resp.stream_source = nullptr;
+  // HTTP/1.0 has no chunked framing: the body ends when the connection closes.
+  if (resp.framing == http::Framing::kChunked && r->head.version_minor == 0) {
+    resp.framing = http::Framing::kUntilClose;
+    resp.close = true;
+  }
+  auto close_iter = [](PyObject* it) {
+    PyObject* r = PyObject_HasAttrString(it, "close") ? PyObject_CallMethod(it, "close", nullptr) : Py_NewRef(Py_None);
+    if (r == nullptr) {
+      LOG_RATE_LIMITED(LogLevel::kError, "a streamed body's close() raised:\n%s", FetchTraceback().c_str());
+    }
+    Py_XDECREF(r);
+    Py_DECREF(it);
+  };
+  if (!http::ResponseHasBody(*r)) {
+    // HEAD (or a bodiless status): the head says what GET would send; the app's iterator is not
+    // run, only closed.
+    close_iter(iter);
+    return;
+  }
+  http::BodyChunk* terminal = shared_->body_chunks.Take();
+  http::BodyChunk* first = terminal != nullptr ? shared_->body_chunks.Take() : nullptr;
+  if (first == nullptr) {
+    if (terminal != nullptr) shared_->body_chunks.Give(terminal, *chunk_giver_);
+    close_iter(iter);
+    LOG_RATE_LIMITED(LogLevel::kWarn, "%s: no body chunk free for a new stream (server.stream_chunks): 503",
+                     stats.label.c_str());
+    resp.SetBusy(http_config_.retry_after_s);
+    return;
+  }
+  Stream st;
+  st.request = r;
+  st.conn = r->conn;
+  st.seq = r->seq;
+  st.iter = iter;
+  st.route = r->route;
+  st.framing = resp.framing;
+  st.declared = resp.declared_length;
+  st.terminal = terminal;
+  st.account = account_;  // the handler's allocations stay charged to its request
+  bool is_text = false;
+  Step step = StepStream(st, &first->data, &is_text);
+  if (step != Step::kItem) {
+    shared_->body_chunks.Give(first, *chunk_giver_);
+    shared_->body_chunks.Give(terminal, *chunk_giver_);
+    if (step == Step::kFailed) {
+      // Nothing was sent yet: the request fails as a handler does (the cause was logged).
+      close_iter(iter);
+      if (st.account.exceeded) {
+        BudgetFail(r, stats, "memory", st.account.peak, st.account.cap);
+      } else if (last_step_budget_) {
+        BudgetFail(r, stats, "cpu", last_step_ns_, target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns);
+      } else {
+        SetInternalError(&resp);
+      }
+      return;
+    }
+    // An empty stream: an empty body, known whole.
+    close_iter(iter);
+    if (st.declared > 0) {
+      LOG_RATE_LIMITED(LogLevel::kError, "%s declared Content-Length %lld and produced no body: 500",
+                       stats.label.c_str(), static_cast<long long>(st.declared));
+      SetInternalError(&resp);
+      return;
+    }
+    resp.framing = http::Framing::kLength;
+    resp.declared_length = -1;
+    resp.body = {};
+    return;
+  }
+  if (resp.content_type.empty()) resp.content_type = is_text ? kText : std::string_view("application/octet-stream");
+  st.first = first;
+  streams_started_.Add();
+  streams_.push_back(std::move(st));
+  streams_open_.store(static_cast<int64_t>(streams_.size()), std::memory_order_relaxed);
+}
+
+// One item of the stream's iterator under the route's budgets. kFailed: the cause was logged
+// and counted (last_step_budget_ says whether a CPU budget stopped it).
+PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is_text) {
+  const http::RouteTarget& target = routes_->targets[static_cast<size_t>(s.route)];
+  RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
+  Outcome outcome = Outcome::kRaised;
+  int64_t dt = 0;
+  last_step_budget_ = false;
+  PyObject* item = Budgeted(target, stats, &s.account, [&] { return PyIter_Next(s.iter); }, &outcome, &dt);
+  last_step_ns_ = dt;
+  if (outcome == Outcome::kCpu || outcome == Outcome::kMemory) {
+    const bool cpu = outcome == Outcome::kCpu;
+    last_step_budget_ = cpu;
+    (cpu ? cpu_kills_ : memory_kills_).Add();
+    (cpu ? stats.cpu_kills : stats.memory_kills).Add();
+    stats.errors.Add();
+    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its %s budget while streaming its body: the stream is cut",
+                     stats.label.c_str(), cpu ? "cpu" : "memory");
+    return Step::kFailed;
+  }
+  if (item == nullptr) {
+    if (!PyErr_Occurred()) return Step::kEnd;
+    exceptions_.Add();
+    stats.errors.Add();
+    LOG_RATE_LIMITED(LogLevel::kError, "%s: its streamed body raised:\n%s", stats.label.c_str(), FetchTraceback().c_str());
+    return Step::kFailed;
+  }
+  bool ok = true;
+  if (PyUnicode_Check(item)) {
+    Py_ssize_t n;
+    const char* p = PyUnicode_AsUTF8AndSize(item, &n);
+    if (p == nullptr) ok = false; else data->assign(p, static_cast<size_t>(n));
+    *is_text = true;
+  } else if (PyBytes_Check(item)) {
+    data->assign(PyBytes_AS_STRING(item), static_cast<size_t>(PyBytes_GET_SIZE(item)));
+  } else if (PyObject_CheckBuffer(item)) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) {
+      ok = false;
+    } else {
+      data->assign(static_cast<const char*>(view.buf), static_cast<size_t>(view.len));
+      PyBuffer_Release(&view);
+    }
+  } else {
+    PyErr_Format(PyExc_TypeError, "a streamed body yields str or bytes, not %s", Py_TYPE(item)->tp_name);
+    ok = false;
+  }
+  Py_DECREF(item);
+  if (!ok) {
+    bad_results_.Add();
+    stats.errors.Add();
+    LOG_RATE_LIMITED(LogLevel::kError, "%s: its streamed body yielded a bad item: %s", stats.label.c_str(),
+                     FetchExceptionLine().c_str());
+    return Step::kFailed;
+  }
+  return Step::kItem;
+}
+
+void PythonStage::EmitChunk(Stream& s, http::BodyChunk* chunk, Outbox& out) {
+  chunk->conn = s.conn;
+  chunk->seq = s.seq;
+  chunk->part = s.next_part++;
+  chunk->framing = s.framing;
+  chunk->producer = waker_;
+  s.sent += static_cast<int64_t>(chunk->data.size());
+  http::StreamFlow& flow = shared_->flows[http::SlotOf(s.conn)];
+  flow.buffered_bytes.fetch_add(static_cast<int64_t>(chunk->data.size()), std::memory_order_acq_rel);
+  flow.buffered_chunks.fetch_add(1, std::memory_order_acq_rel);
+  out.EmitTo(serialize_, chunk);
+}
+
+void PythonStage::EndStream(size_t index, bool abort, const char* why, Outbox& out) {
+  Stream& s = streams_[index];
+  const http::RouteTarget& target = routes_->targets[static_cast<size_t>(s.route)];
+  RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
+  if (!abort && s.framing == http::Framing::kDeclared && s.sent != s.declared) {
+    abort = true;
+    why = "the body was shorter than its declared Content-Length";
+  }
+  // close() lets a generator's `finally` run (GeneratorExit), whatever ended the stream.
+  if (PyObject_HasAttrString(s.iter, "close")) {
+    MemoryAccount* account = &s.account;
+    SetMemoryAccount(account);
+    PyObject* r = PyObject_CallMethod(s.iter, "close", nullptr);
+    SetMemoryAccount(nullptr);
+    if (r == nullptr) {
+      LOG_RATE_LIMITED(LogLevel::kError, "%s: its streamed body's close() raised:\n%s", stats.label.c_str(),
+                       FetchTraceback().c_str());
+    }
+    Py_XDECREF(r);
+  }
+  Py_CLEAR(s.iter);
+  if (abort) {
+    streams_aborted_.Add();
+    LOG_RATE_LIMITED(LogLevel::kWarn, "%s: stream cut after %lld bytes: %s; the connection is closed",
+                     stats.label.c_str(), static_cast<long long>(s.sent), why);
+  } else {
+    streams_completed_.Add();
+  }
+  http::BodyChunk* t = s.terminal;
+  s.terminal = nullptr;
+  t->last = !abort;
+  t->abort = abort;
+  t->request = s.request;
+  if (s.first != nullptr) shared_->body_chunks.Give(s.first, *chunk_giver_);
+  EmitChunk(s, t, out);
+  streams_[index] = std::move(streams_.back());
+  streams_.pop_back();
+  streams_open_.store(static_cast<int64_t>(streams_.size()), std::memory_order_relaxed);
+  if (next_stream_ >= streams_.size()) next_stream_ = 0;
+}
+
+// One step of one stream, round robin, so that every chunk leaves (the lane flushes after
+// Poll) before the app is asked for the next.
+bool PythonStage::Poll(Outbox& out) {
+  if (streams_.empty() || out.Room() < 2) return false;
+  const int64_t now = out.now_ns();
+  bool gil = false;
+  bool worked = false;
+  for (size_t tries = 0; tries < streams_.size() && !worked; ++tries) {
+    if (next_stream_ >= streams_.size()) next_stream_ = 0;
+    const size_t i = next_stream_++;
+    Stream& s = streams_[i];
+    http::StreamFlow& flow = shared_->flows[http::SlotOf(s.conn)];
+    const char* end_why = nullptr;
+    if (flow.cancelled_gen.load(std::memory_order_acquire) == http::GenOf(s.conn)) {
+      end_why = "the client went away";
+    } else if (now >= stream_cut_ns_) {
+      end_why = "the server is stopping";
+    } else if (s.waiting_since_ns != 0 && now - s.waiting_since_ns >= http_config_.stream_stall_timeout_ns) {
+      stream_stalls_.Add();
+      end_why = "the client did not read for server.stream_stall_timeout";
+    }
+    if (end_why == nullptr && !http::StreamMayProduce(flow, http_config_.stream_buffer_bytes)) {
+      if (s.waiting_since_ns == 0) {
+        s.waiting_since_ns = now;
+        stream_pauses_.Add();
+      }
+      // Ask send to wake this lane, then look again: send may have drained in between.
+      flow.producer_waiting.store(true, std::memory_order_release);
+      out.TickBy(s.waiting_since_ns + http_config_.stream_stall_timeout_ns);
+      if (!http::StreamMayProduce(flow, http_config_.stream_buffer_bytes)) continue;
+    }
+    if (!gil) {
+      PyEval_RestoreThread(saved_);
+      gil = true;
+    }
+    if (end_why != nullptr) {
+      EndStream(i, /*abort=*/true, end_why, out);
+      worked = true;
+      break;
+    }
+    http::BodyChunk* chunk = shared_->body_chunks.Take();
+    if (chunk == nullptr) {
+      out.TickBy(now + kStreamPoolRetryNs);  // the pool is empty: try again shortly
+      continue;
+    }
+    s.waiting_since_ns = 0;
+    bool is_text = false;
+    worked = true;
+    switch (StepStream(s, &chunk->data, &is_text)) {
+      case Step::kItem: {
+        if (chunk->data.empty()) {
+          shared_->body_chunks.Give(chunk, *chunk_giver_);  // an empty chunk would end the body
+          break;
+        }
+        if (s.framing == http::Framing::kDeclared && s.sent + static_cast<int64_t>(chunk->data.size()) > s.declared) {
+          // More than the app declared: what fits goes out, then the connection closes.
+          chunk->data.resize(static_cast<size_t>(s.declared - s.sent));
+          EmitChunk(s, chunk, out);
+          EndStream(i, true, "the body was longer than its declared Content-Length", out);
+          break;
+        }
+        EmitChunk(s, chunk, out);
+        break;
+      }
+      case Step::kEnd:
+        shared_->body_chunks.Give(chunk, *chunk_giver_);
+        EndStream(i, false, "", out);
+        break;
+      case Step::kFailed:
+        shared_->body_chunks.Give(chunk, *chunk_giver_);
+        EndStream(i, true, "the app failed while producing it (see above)", out);
+        break;
+    }
+  }
+  if (gil) saved_ = PyEval_SaveThread();
+  return worked;
+}
+
+int64_t PythonStage::Tick(int64_t now_ns, Outbox& out) {
+  (void)out;
+  // Poll does the work (ending stalled and cut streams); Tick only makes the lane look again.
+  if (streams_.empty()) return kNeverNs;
+  int64_t next = stream_cut_ns_;
+  for (const Stream& s : streams_) {
+    if (s.waiting_since_ns != 0) next = std::min(next, s.waiting_since_ns + http_config_.stream_stall_timeout_ns);
+  }
+  return std::max(next, now_ns + kStreamPoolRetryNs);
+}
+
+void PythonStage::BeginStop(Outbox& out) {
+  stopping_ = true;
+  // Streams get half the drain (an endless one, e.g. server-sent events, would hold it all);
+  // those still running then are cut, their generators closed.
+  stream_cut_ns_ = out.now_ns() + drain_timeout_ns_ / 2;
+  if (!streams_.empty()) {
+    LOG_INFO("python: %zu stream(s) in progress; those not done in %s are cut", streams_.size(),
+             FormatDuration(drain_timeout_ns_ / 2).c_str());
+  }
+  out.TickBy(stream_cut_ns_);
 }
 
 void PythonStage::BudgetFail(http::Request* r, RouteStats& stats, const char* kind, int64_t used, int64_t budget) {
@@ -379,6 +701,7 @@ void PythonStage::Fail(http::Request* r, RouteStats& stats, int status) {
   exceptions_.Add();
   stats.errors.Add();
   std::string tb = PyErr_Occurred() ? FetchTraceback() : "(no exception)";
+  DropStreamSource(&r->resp);
   LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s failed with %d:\n%s", stats.label.c_str(),
                    static_cast<int>(r->head.target.size()), r->head.target.data(), status, tb.c_str());
   SetInternalError(&r->resp);
@@ -390,6 +713,7 @@ void PythonStage::Fail(http::Request* r, RouteStats& stats, int status) {
 void PythonStage::CallOnResponse(http::Request* r, PyObject* req_obj) {
   PyObject* resp = ResponseToPython(r->resp);
   if (resp == nullptr) {
+    DropStreamSource(&r->resp);
     LOG_RATE_LIMITED(LogLevel::kError, "cannot make a Response for on_response: %s", FetchExceptionLine().c_str());
     return;
   }
@@ -407,6 +731,7 @@ void PythonStage::CallOnResponse(http::Request* r, PyObject* req_obj) {
       Py_DECREF(ret);
     }
   }
+  DropStreamSource(&r->resp);  // the Python Response holds its own reference to it
   r->resp.Reset();
   if (!ResultToResponse(resp, &r->resp)) {
     LOG_RATE_LIMITED(LogLevel::kError, "on_response left an invalid response: %s", FetchExceptionLine().c_str());
@@ -416,7 +741,19 @@ void PythonStage::CallOnResponse(http::Request* r, PyObject* req_obj) {
 }
 
 void PythonStage::Shutdown() {
-  if (!main_ || !Initialized()) return;
+  if (!Initialized()) return;
+  if (!streams_.empty()) {
+    // Left by a drain that timed out: their connections are gone with the process.
+    PyEval_RestoreThread(saved_);
+    for (Stream& st : streams_) {
+      Py_CLEAR(st.iter);
+      if (st.terminal != nullptr) shared_->body_chunks.Give(st.terminal, *chunk_giver_);
+      if (st.first != nullptr) shared_->body_chunks.Give(st.first, *chunk_giver_);
+    }
+    streams_.clear();
+    saved_ = PyEval_SaveThread();
+  }
+  if (!main_) return;
   PyEval_RestoreThread(saved_);
   GlobalWatchdog().Stop();
   if (app_ != nullptr) {
@@ -438,6 +775,12 @@ void PythonStage::ExtraStats(StatsSink& sink) const {
   sink.Value("budget_cpu_kills_total", static_cast<double>(cpu_kills_.Get()));
   sink.Value("budget_memory_kills_total", static_cast<double>(memory_kills_.Get()));
   sink.Value("budget_rss_sheds_total", static_cast<double>(rss_sheds_.Get()));
+  sink.Value("streams_started_total", static_cast<double>(streams_started_.Get()));
+  sink.Value("streams_completed_total", static_cast<double>(streams_completed_.Get()));
+  sink.Value("streams_aborted_total", static_cast<double>(streams_aborted_.Get()));
+  sink.Value("stream_pauses_total", static_cast<double>(stream_pauses_.Get()));
+  sink.Value("stream_stalls_total", static_cast<double>(stream_stalls_.Get()));
+  sink.Value("streams_open", static_cast<double>(streams_open_.load(std::memory_order_relaxed)));
   if (main_) {
     // Per route (every lane shares these; the main lane reports them once).
     for (const PythonShared::Handler& h : python_->handlers) {
@@ -458,6 +801,7 @@ void PythonStage::ExtraStats(StatsSink& sink) const {
     sink.Value("budget_ended_past_budget_total", static_cast<double>(w.ended_past_budget.Get()));
     sink.Value("process_rss_bytes", static_cast<double>(ReadRssBytes()));
     sink.Value("python_heap_bytes", static_cast<double>(WrappedLiveBytes()));
+    sink.Value("response_fields_server_owned_dropped_total", static_cast<double>(ServerOwnedFieldsDropped()));
   }
 }
 

@@ -57,6 +57,10 @@ class PythonStage : public Stage {
   absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
   absl::Status Start(StageEnv& env) override;
   void Process(std::span<Item* const> batch, Outbox& out) override;
+  bool Poll(Outbox& out) override;
+  int64_t Tick(int64_t now_ns, Outbox& out) override;
+  void BeginStop(Outbox& out) override;
+  bool Idle() const override { return streams_.empty(); }
   void Shutdown() override;
   bool NeedsMainThread() const override { return main_; }
   void ExtraStats(StatsSink& sink) const override;
@@ -64,7 +68,37 @@ class PythonStage : public Stage {
  private:
   absl::Status StartMain();
   absl::Status LoadRoutes();
-  void Handle(http::Request* r);
+  // A streamed response in progress on this lane (stages/http/stream.h).
+  struct Stream {
+    http::Request* request = nullptr;  // its head: an identity only, once emitted
+    http::ConnId conn = 0;
+    uint32_t seq = 0;
+    uint32_t next_part = 1;
+    PyObject* iter = nullptr;
+    int route = -1;
+    http::Framing framing = http::Framing::kChunked;
+    int64_t declared = -1;             // kDeclared: bytes the app promised
+    int64_t sent = 0;                  // body bytes produced
+    http::BodyChunk* terminal = nullptr;  // reserved at the start, so the stream can always end
+    http::BodyChunk* first = nullptr;     // made while starting, emitted right after the head
+    MemoryAccount account;             // the request's, across its steps
+    int64_t waiting_since_ns = 0;      // paused on backpressure since (0: not paused)
+  };
+  enum class Outcome : uint8_t { kOk, kRaised, kCpu, kMemory };
+  // Calls `call` (the app's code) under the budgets of route `target`, charging memory to
+  // `account`. REQUIRES: the GIL.
+  template <typename F>
+  PyObject* Budgeted(const http::RouteTarget& target, RouteStats& stats, MemoryAccount* account, F call,
+                     Outcome* outcome, int64_t* elapsed_ns);
+  void Handle(http::Request* r, Outbox& out);
+  // r's response came with an iterator: starts its stream (the first item decides the content
+  // type) or answers it whole when it has no body on the wire.
+  void StartStream(http::Request* r, const http::RouteTarget& target, RouteStats& stats);
+  enum class Step : uint8_t { kItem, kEnd, kFailed };
+  Step StepStream(Stream& s, std::string* data, bool* is_text);
+  // Ends a stream with its terminal chunk (`last` unless `abort`), closing the iterator.
+  void EndStream(size_t index, bool abort, const char* why, Outbox& out);
+  void EmitChunk(Stream& s, http::BodyChunk* chunk, Outbox& out);
   void CallOnResponse(http::Request* r, PyObject* req_obj);
   void Fail(http::Request* r, RouteStats& stats, int status);
   void BudgetFail(http::Request* r, RouteStats& stats, const char* kind, int64_t used, int64_t budget);
@@ -94,6 +128,17 @@ class PythonStage : public Stage {
   PyThreadState* saved_ = nullptr;  // this thread's state while the GIL is released
   uint64_t seq_ = 0;                // requests started on this lane (budget interrupts carry it)
   MemoryAccount account_;
+  std::vector<Stream> streams_;
+  size_t next_stream_ = 0;           // round robin
+  Waker* waker_ = nullptr;           // this lane's: send wakes it when a stream may go on
+  std::unique_ptr<http::ChunkPool::GiverToken> chunk_giver_;
+  bool stopping_ = false;
+  bool last_step_budget_ = false;    // StepStream's last kFailed was a CPU budget
+  int64_t last_step_ns_ = 0;
+  int64_t stream_cut_ns_ = kNeverNs;  // streams still running then are cut (drain)
+  int64_t drain_timeout_ns_ = 0;
+  std::atomic<int64_t> streams_open_{0};  // for stats (streams_ is the lane's own)
+  Counter streams_started_, streams_completed_, streams_aborted_, stream_pauses_, stream_stalls_;
   Counter exceptions_, http_errors_, bad_results_, cpu_kills_, memory_kills_, rss_sheds_;
 };
 

@@ -18,13 +18,14 @@ class SerializeStage : public Stage {
 
  private:
   void Serialize(Request* r);
+  void SerializeChunk(BodyChunk* c);
   void RefreshDate();
 
   HttpConfig config_;
   std::string server_field_;  // "Server: metronome\r\n"
   time_t date_second_ = 0;
   std::string date_field_;    // "Date: Thu, 26 Nov 2026 15:05:00 GMT\r\n", refreshed each second
-  Counter chunked_, large_bodies_, dropped_headers_;
+  Counter chunked_, streams_, chunks_, large_bodies_, dropped_headers_;
 };
 
 }  // namespace metronome::http

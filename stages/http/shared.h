@@ -19,6 +19,7 @@
 #include "stages/http/conn.h"
 #include "stages/http/items.h"
 #include "stages/http/parser.h"
+#include "stages/http/stream.h"
 
 struct io_uring_buf_ring;
 
@@ -39,6 +40,10 @@ struct HttpConfig {
   int retry_after_s = 1;
   std::string server_name = "metronome";
   std::string access_log;              // "" off, "-" stderr, else a file path (appended)
+  // Streamed responses (stream.h):
+  int64_t stream_buffer_bytes = 256 * 1024;       // per connection, waiting for the client
+  uint32_t stream_chunks = 4096;                  // the chunk pool, shared by every stream
+  int64_t stream_stall_timeout_ns = 30'000'000'000;  // a stream that cannot move this long is cut
   // limits:
   Limits limits;
   int64_t header_timeout_ns = 10'000'000'000;
@@ -57,6 +62,8 @@ class HttpShared {
 
   ConnectionTable conns;
   RequestPool requests;
+  ChunkPool body_chunks;
+  std::unique_ptr<StreamFlow[]> flows;  // per slot
   // Per slot, one of each event kind (items.h).
   std::vector<ConnEvent> opened_events;
   std::vector<ConnEvent> closed_events;

@@ -214,10 +214,12 @@ class ExampleAppTest(PythonServerTest):
         self.assertIsNone(resp.header("content-length"))
         self.assertEqual(resp.header("content-type"), TEXT)
         self.assertEqual(resp.body, b"part 0\npart 1\npart 2\n")
-        # HTTP/1.0 has no chunked framing: one body with a Content-Length.
+        # HTTP/1.0 has no chunked framing: the body ends when the server closes the connection.
         resp = self.get("/stream", version="HTTP/1.0")
         self.assertIsNone(resp.header("transfer-encoding"))
-        self.assertResponse(resp, 200, b"part 0\npart 1\npart 2\n")
+        self.assertIsNone(resp.header("content-length"))
+        self.assertEqual(resp.header("connection"), "close")
+        self.assertEqual(resp.body, b"part 0\npart 1\npart 2\n")
 
     def test_started(self):
         self.assertJson(self.get("/started"), {"startup_hooks_ran": 1})
@@ -327,7 +329,7 @@ class ConventionsTest(PythonServerTest):
         self.assertResponse(reader.read_response(), 200, "plain text é".encode())
 
     def test_invalid_results_are_500(self):
-        for path in ("/conv/unsupported", "/conv/bad-status", "/conv/nan", "/conv/bad-stream", "/err/bad-status"):
+        for path in ("/conv/unsupported", "/conv/bad-status", "/conv/nan", "/conv/bad-stream-first", "/err/bad-status"):
             with self.subTest(path=path):
                 s, reader = self.connect()
                 s.sendall(request("GET", path) + request("GET", "/conv/str"))
@@ -398,15 +400,30 @@ class ConventionsTest(PythonServerTest):
                                "agent": "keeper", "params": {"id": 7}, "text": body.decode(),
                                "json": {"kept": [1, 2]}, "same": True})
 
-    def test_response_header_injection_is_dropped(self):
+    def test_response_header_injection_is_500(self):
+        # A field with CR/LF (or an invalid name) from the app is a 500 and a log line, never a
+        # split response; the connection goes on.
         s, reader = self.connect()
         s.sendall(request("GET", "/conv/header-injection") + request("GET", "/conv/str"))
         resp = reader.read_response()
-        self.assertResponse(resp, 200, b"x")
+        self.assertResponse(resp, 500, INTERNAL_ERROR, TEXT)
         self.assertIsNone(resp.header("x-injected"), resp.raw_head)
-        self.assertIsNone(resp.header("x-bad"))
-        self.assertEqual(resp.header("x-good"), "ok")
+        self.assertIsNone(resp.header("x-good"))
         self.assertResponse(reader.read_response(), 200, "plain text é".encode())
+        self.assertIn("response field", self.server.read_log())
+
+    def test_stream_failing_midway_is_cut_not_completed(self):
+        # The head and the first part were sent when the generator raised: the response cannot
+        # become a 500 any more, so the connection closes without the chunked terminator (a
+        # client sees a truncated body, never a complete one).
+        s, reader = self.connect()
+        s.sendall(request("GET", "/conv/bad-stream") + request("GET", "/conv/str"))
+        head = reader.read_until(b"\r\n\r\n")
+        self.assertIn(b"200 OK", head)
+        self.assertIn(b"transfer-encoding: chunked", head.lower())
+        rest = reader.read_to_eof()
+        self.assertEqual(rest, b"3\r\nok\n\r\n")  # the part, no "0\r\n\r\n", and nothing after
+        self.assertIn("stream cut", self.server.read_log())
 
     def test_content_type_injection_from_response_object_is_refused(self):
         # A content type with CR LF must not split the head into extra fields.
