@@ -23,6 +23,7 @@
 #include "runtime/outbox.h"
 #include "runtime/registry.h"
 #include "runtime/units.h"
+#include "stages/http/path.h"
 
 namespace metronome::http {
 namespace {
@@ -252,11 +253,24 @@ void ParseStage::Step(Conn* c, RecvChunk* ch, Outbox& out) {
     return;
   }
 
+  // The path routing and the app see (path.h); an encoded NUL is refused as a raw one is.
+  const PathCheck path = NormalizePath(head.path, &spare_->path_buf);
+  if (path == PathCheck::kNul) {
+    Reject(c, ParseError{400, "NUL (%00) in the request path"}, out);
+    ch->offset = ch->len;
+    return;
+  }
   // A complete head: it becomes a request, its bytes copied once into the request.
   Request* r = spare_;
   spare_ = nullptr;
   r->head_buf.assign(base, consumed);
   r->head.Rebase(base, r->head_buf.data());
+  if (path == PathCheck::kNormalized) {
+    r->path = r->path_buf;
+    paths_normalized_.Add();
+  } else {
+    r->path = r->head.path;
+  }
   if (!c->carry.empty()) {
     c->carry.clear();
     c->carry_scanned = 0;
@@ -444,6 +458,7 @@ void ParseStage::Expire(Conn* c, TimerKind kind, Outbox& out) {
 void ParseStage::ExtraStats(StatsSink& sink) const {
   sink.Value("requests_total", static_cast<double>(requests_.Get()));
   sink.Value("rejected_total", static_cast<double>(rejected_.Get()));
+  sink.Value("paths_normalized_total", static_cast<double>(paths_normalized_.Get()));
   sink.Value("abandoned_total", static_cast<double>(abandoned_.Get()));
   sink.Value("blocked_total", static_cast<double>(blocked_total_.Get()));
   sink.Value("timeouts_first_request_total", static_cast<double>(timeouts_fired_[kTimerFirst].Get()));

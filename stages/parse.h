@@ -74,7 +74,7 @@ class ParseStage : public Stage {
   int64_t timeouts_[kTimerKinds] = {};
   TimerList timers_[kTimerKinds];
 
-  Counter requests_, rejected_, abandoned_, blocked_total_;
+  Counter requests_, rejected_, abandoned_, blocked_total_, paths_normalized_;
   Counter timeouts_fired_[kTimerKinds];
 };
 

@@ -30,6 +30,7 @@ void Request::Reset() {
   head.keep_alive = true;
   head.body_kind = BodyKind::kNone;
   head_buf.clear();
+  path = {};
   path_buf.clear();
   body.clear();
   chunked.Reset();

@@ -141,7 +141,8 @@ struct Request : WirePiece {
   int64_t head_done_ns = 0;     // when the head was complete
   RequestHead head;             // views into head_buf (path: into path_buf when normalised)
   std::string head_buf;
-  std::string path_buf;         // the normalised path, when it differs from the raw one (path.h)
+  std::string_view path;        // the path routing and the app see: head.path normalised (path.h)
+  std::string path_buf;         // ... when it differs from the raw one
   std::string body;
   ChunkedDecoder chunked;
   bool body_complete = false;

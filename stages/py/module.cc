@@ -86,8 +86,10 @@ PyObject* Make(RequestObject* self, int field) {
       return Latin1(h.method);
     }
     case kPath: {
+      // The normalised path (stages/http/path.h), fully decoded.
       std::string s;
-      Unescape(h.path.data(), h.path.size(), false, &s);
+      const std::string_view p = r->path.data() != nullptr ? r->path : h.path;
+      Unescape(p.data(), p.size(), false, &s);
       return Utf8(s);
     }
     case kRawPath: return Latin1(h.path);

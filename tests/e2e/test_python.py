@@ -101,6 +101,39 @@ class ExampleAppTest(PythonServerTest):
     def test_plaintext(self):
         self.assertResponse(self.get("/plaintext"), 200, b"Hello, World!", TEXT)
 
+    def test_percent_encoded_unreserved_characters_route_like_their_letters(self):
+        # RFC 3986 6.2.2.2: /%70lain%74ext is /plaintext.
+        self.assertResponse(self.get("/%70lain%74ext"), 200, b"Hello, World!", TEXT)
+        self.assertResponse(self.get("/hello/%4Aane"), 200, b"Hello, Jane!", TEXT)
+        # Reserved characters stay encoded until the handler decodes its parameter: %2F does
+        # not split a segment, so {name} takes "a/b" whole.
+        self.assertResponse(self.get("/hello/a%2Fb"), 200, b"Hello, a/b!", TEXT)
+
+    def test_dot_segments_never_reach_a_handler(self):
+        # Encoded dots are dots: the path is normalised before routing (RFC 3986 5.2.4), so
+        # /files/%2e%2e/%2e%2e/etc/passwd is /etc/passwd, which no route serves.
+        self.assertEqual(self.get("/files/%2e%2e/%2e%2e/etc/passwd").status, 404)
+        self.assertJson(self.get("/files/a/./b/../c"), {"path": "a/c"})
+        self.assertJson(self.get("/files/a/%2e/b/%2E%2E/c"), {"path": "a/c"})
+        # A ".." hidden behind an encoded slash would appear when the parameter is decoded:
+        # refused rather than handed over.
+        for path in ("/files/..%2F..%2Fetc%2Fpasswd", "/hello/..%2F..", "/files/x/%2e%2e%2Fy"):
+            with self.subTest(path=path):
+                resp = self.get(path)
+                self.assertEqual(resp.status, 400, resp)
+                self.assertNotIn(b"etc", resp.body)
+
+    def test_encoded_nul_in_the_path_is_400_like_a_raw_one(self):
+        s, reader = self.connect()
+        s.sendall(request("GET", "/hello/a%00b"))
+        resp = reader.read_response()
+        self.assertEqual(resp.status, 400)
+        self.assertIn(b"NUL", resp.body)
+        self.assertTrue(reader.closed())
+
+    def test_a_path_param_is_decoded_for_the_handler_after_normalisation(self):
+        self.assertJson(self.get("/files/%2e/x%2Fy"), {"path": "x/y"})
+
     def test_json(self):
         self.assertResponse(self.get("/json"), 200, b'{"message":"Hello, World!"}', "application/json")
 
