@@ -150,6 +150,10 @@ class Stage {
   virtual void BeginStop(Outbox& out) { (void)out; }
   // Nothing in flight that still needs this lane (pending writes, buffered input, ...).
   virtual bool Idle() const { return true; }
+  // What the stage is busy with, for the report of a drain that timed out (e.g. the request a
+  // handler is stuck in). Called from another thread while the stage may be running: read
+  // only what stays valid while the stage is stuck (atomics, the current item).
+  virtual std::string BusyWith() const { return {}; }
   virtual void Shutdown() {}
 
   virtual bool NeedsRing() const { return false; }

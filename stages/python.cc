@@ -24,6 +24,7 @@
 #include <malloc.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
 #include "runtime/clock.h"
@@ -284,12 +285,14 @@ void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
 }
 
 template <typename F>
-PyObject* PythonStage::Budgeted(const http::RouteTarget& target, RouteStats& stats, MemoryAccount* account, F call,
-                                Outcome* outcome, int64_t* elapsed_ns) {
+PyObject* PythonStage::Budgeted(const http::Request* r, const http::RouteTarget& target, RouteStats& stats,
+                                MemoryAccount* account, F call, Outcome* outcome, int64_t* elapsed_ns) {
   const int64_t cpu_ns = target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns;
   const uint64_t seq = ++seq_;
   const int64_t t0 = MonotonicNowNs();
   dispatch_->Busy(lane_, t0);
+  busy_since_ns_.store(t0, std::memory_order_relaxed);
+  busy_request_.store(r, std::memory_order_release);
   GlobalWatchdog().Begin(watch_, seq, t0, cpu_ns, stats.label.c_str());
   SetMemoryAccount(account);
   PyObject* result = call();
@@ -297,6 +300,7 @@ PyObject* PythonStage::Budgeted(const http::RouteTarget& target, RouteStats& sta
   const int64_t t1 = MonotonicNowNs();
   const bool cpu_fired = GlobalWatchdog().End(watch_, t1);
   dispatch_->Idle(lane_);
+  busy_request_.store(nullptr, std::memory_order_release);
   *elapsed_ns = t1 - t0;
   stats.handler_ns.Add(static_cast<uint64_t>(t1 - t0));
   if (cpu_fired || account->exceeded) {
@@ -340,7 +344,7 @@ void PythonStage::Handle(http::Request* r, Outbox& out) {
   account_.cap = target.memory_budget_bytes > 0 ? static_cast<int64_t>(target.memory_budget_bytes) : python_->memory_budget_bytes;
   Outcome outcome = Outcome::kRaised;
   int64_t dt = 0;
-  PyObject* result = ok ? Budgeted(target, stats, &account_, [&] {
+  PyObject* result = ok ? Budgeted(r, target, stats, &account_, [&] {
     return PyObject_Vectorcall(h.callable, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, n > 0 ? h.kwnames : nullptr);
   }, &outcome, &dt) : nullptr;
   for (int i = 0; i < n; ++i) Py_DECREF(args[2 + i]);
@@ -466,7 +470,7 @@ PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is
   Outcome outcome = Outcome::kRaised;
   int64_t dt = 0;
   last_step_budget_ = false;
-  PyObject* item = Budgeted(target, stats, &s.account, [&] { return PyIter_Next(s.iter); }, &outcome, &dt);
+  PyObject* item = Budgeted(s.request, target, stats, &s.account, [&] { return PyIter_Next(s.iter); }, &outcome, &dt);
   last_step_ns_ = dt;
   if (outcome == Outcome::kCpu || outcome == Outcome::kMemory) {
     const bool cpu = outcome == Outcome::kCpu;
@@ -766,6 +770,18 @@ void PythonStage::Shutdown() {
   for (PyObject*& p : python_->plugins) Py_CLEAR(p);
   Py_CLEAR(app_);
   Finalize();
+}
+
+std::string PythonStage::BusyWith() const {
+  const http::Request* r = busy_request_.load(std::memory_order_acquire);
+  if (r == nullptr) return streams_open_.load() > 0 ? absl::StrCat(streams_open_.load(), " stream(s) open") : "";
+  // The request stays put while its handler runs (this lane owns it, or send holds a stream's
+  // head until the stream ends).
+  const double s = static_cast<double>(MonotonicNowNs() - busy_since_ns_.load()) / 1e9;
+  return absl::StrFormat("%s %s (route %s) has run for %.1fs; a handler stuck in C code cannot be interrupted",
+                         std::string(r->head.method), std::string(r->head.target),
+                         python_->handlers[static_cast<size_t>(routes_->targets[static_cast<size_t>(r->route)].handler)].stats->label,
+                         s);
 }
 
 void PythonStage::ExtraStats(StatsSink& sink) const {

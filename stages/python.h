@@ -61,6 +61,7 @@ class PythonStage : public Stage {
   int64_t Tick(int64_t now_ns, Outbox& out) override;
   void BeginStop(Outbox& out) override;
   bool Idle() const override { return streams_.empty(); }
+  std::string BusyWith() const override;
   void Shutdown() override;
   bool NeedsMainThread() const override { return main_; }
   void ExtraStats(StatsSink& sink) const override;
@@ -88,8 +89,8 @@ class PythonStage : public Stage {
   // Calls `call` (the app's code) under the budgets of route `target`, charging memory to
   // `account`. REQUIRES: the GIL.
   template <typename F>
-  PyObject* Budgeted(const http::RouteTarget& target, RouteStats& stats, MemoryAccount* account, F call,
-                     Outcome* outcome, int64_t* elapsed_ns);
+  PyObject* Budgeted(const http::Request* r, const http::RouteTarget& target, RouteStats& stats,
+                     MemoryAccount* account, F call, Outcome* outcome, int64_t* elapsed_ns);
   void Handle(http::Request* r, Outbox& out);
   // r's response came with an iterator: starts its stream (the first item decides the content
   // type) or answers it whole when it has no body on the wire.
@@ -137,7 +138,10 @@ class PythonStage : public Stage {
   int64_t last_step_ns_ = 0;
   int64_t stream_cut_ns_ = kNeverNs;  // streams still running then are cut (drain)
   int64_t drain_timeout_ns_ = 0;
-  std::atomic<int64_t> streams_open_{0};  // for stats (streams_ is the lane's own)
+  std::atomic<int64_t> streams_open_{0};
+  // The request whose app code runs now, and since when (for BusyWith, from another thread).
+  std::atomic<const http::Request*> busy_request_{nullptr};
+  std::atomic<int64_t> busy_since_ns_{0};  // for stats (streams_ is the lane's own)
   Counter streams_started_, streams_completed_, streams_aborted_, stream_pauses_, stream_stalls_;
   Counter exceptions_, http_errors_, bad_results_, cpu_kills_, memory_kills_, rss_sheds_;
 };

@@ -234,9 +234,9 @@ void SendStage::OnWritten(Conn* c, int res) {
     PeerGone(c);
     // Make sure the read side ends too (accept's recv completes, kClosed follows), whatever the
     // peer's state: a reset peer does not always wake a pending multishot recv.
-    if (!c->shut) {
+    if (!c->shut_read) {
       ::shutdown(shared_->conns.fd(c->id), SHUT_RDWR);
-      c->shut = true;
+      c->shut = c->shut_read = true;
     }
     return;
   }
@@ -381,11 +381,12 @@ void SendStage::DropAll(Conn* c) {
 
 void SendStage::MaybeEnd(Conn* c) {
   if (c->writing) return;
-  if (c->shutdown_wanted && !c->shut && c->accounted >= c->shutdown_seq && c->waiting == nullptr) {
-    // Timeouts and errors: end both directions; the pending recv completes and accept emits
-    // kClosed.
+  if (c->shutdown_wanted && !c->shut_read && c->accounted >= c->shutdown_seq && c->waiting == nullptr) {
+    // Timeouts, errors, the drain: end both directions (also after a response that already
+    // shut the write side, whose client did not close); the pending recv completes and accept
+    // emits kClosed.
     ::shutdown(shared_->conns.fd(c->id), SHUT_RDWR);
-    c->shut = true;
+    c->shut = c->shut_read = true;
   }
   if (c->read_closed && c->accounted >= c->issued && c->waiting == nullptr) {
     // Every stream ended with its terminal chunk, which came last: nothing of this connection

@@ -51,7 +51,8 @@ class SendStage : public Stage {
     uint32_t issued = 0;            // ... with this many responses to account for
     bool shutdown_wanted = false;   // kShutdown seen
     uint32_t shutdown_seq = 0;
-    bool shut = false;              // shutdown(2) done
+    bool shut = false;              // the write side is shut down: nothing more is written
+    bool shut_read = false;         // ... and the read side too (its recv ends, kClosed follows)
     bool continue_wanted = false;
     uint32_t continue_seq = 0;
   };

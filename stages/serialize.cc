@@ -73,7 +73,7 @@ void SerializeStage::Process(std::span<Item* const> batch, Outbox& out) {
 void SerializeStage::Serialize(Request* r) {
   Response& resp = r->resp;
   assert(resp.stream_source == nullptr && "a Python iterator left the python stage");
-  const bool keep_alive = r->head.keep_alive && !resp.close;
+  const bool keep_alive = r->head.keep_alive && !resp.close && !draining_;
   resp.close = !keep_alive;
   std::string& w = r->wire;
   w.clear();

@@ -14,6 +14,12 @@ class SerializeStage : public Stage {
  public:
   absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
   void Process(std::span<Item* const> batch, Outbox& out) override;
+  // The drain: every response from now on ends its connection (Connection: close), so that
+  // clients stop sending on connections that are about to close.
+  void BeginStop(Outbox& out) override {
+    (void)out;
+    draining_ = true;
+  }
   void ExtraStats(StatsSink& sink) const override;
 
  private:
@@ -22,6 +28,7 @@ class SerializeStage : public Stage {
   void RefreshDate();
 
   HttpConfig config_;
+  bool draining_ = false;
   std::string server_field_;  // "Server: metronome\r\n"
   time_t date_second_ = 0;
   std::string date_field_;    // "Date: Thu, 26 Nov 2026 15:05:00 GMT\r\n", refreshed each second

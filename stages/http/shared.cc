@@ -45,6 +45,7 @@ HttpConfig ReadHttpConfig(ConfigNode root) {
   c.recv_buffer_bytes = static_cast<uint32_t>(server.SizeBytes("recv_buffer_size", c.recv_buffer_bytes, 512, 1 << 20));
   c.keepalive_timeout_ns = server.DurationNs("keepalive_timeout", c.keepalive_timeout_ns, kNanosPerMilli, 3600 * kNanosPerSecond);
   c.linger_timeout_ns = server.DurationNs("linger_timeout", c.linger_timeout_ns, 0, 60 * kNanosPerSecond);
+  c.drain_grace_ns = server.DurationNs("drain_grace", c.drain_grace_ns, 0, 600 * kNanosPerSecond);
   c.retry_after_s = static_cast<int>(server.DurationNs("retry_after", c.retry_after_s * kNanosPerSecond, kNanosPerSecond, 3600 * kNanosPerSecond) / kNanosPerSecond);
   c.server_name = server.String("name", c.server_name);
   c.access_log = server.String("access_log", c.access_log);

@@ -37,6 +37,7 @@ struct HttpConfig {
   uint32_t recv_buffer_bytes = 8192;
   int64_t keepalive_timeout_ns = 5'000'000'000;
   int64_t linger_timeout_ns = 2'000'000'000;
+  int64_t drain_grace_ns = 1'000'000'000;     // an idle connection stays this long into a drain
   int retry_after_s = 1;
   std::string server_name = "metronome";
   std::string access_log;              // "" off, "-" stderr, else a file path (appended)
