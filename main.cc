@@ -74,6 +74,15 @@ bool AnyRing(metronome::Pipeline& p) {
   return false;
 }
 
+// The io_uring opcodes the configured stages submit.
+std::vector<metronome::RingOp> RingOps(metronome::Pipeline& p) {
+  std::vector<metronome::RingOp> ops;
+  for (int i = 0; i < p.num_stages(); ++i) {
+    for (const metronome::RingOp& op : p.stage(i).RingOps()) ops.push_back(op);
+  }
+  return ops;
+}
+
 int Check(const Args& args) {
   std::unique_ptr<metronome::ConfigDoc> doc;
   std::unique_ptr<metronome::Pipeline> pipeline;
@@ -83,7 +92,7 @@ int Check(const Args& args) {
   printf("%s: valid\n%s", args.config.c_str(), pipeline->Describe().c_str());
   printf("admin: %s\n", admin_enabled ? "enabled" : "off (no admin: section)");
   if (AnyRing(*pipeline)) {
-    absl::Status probe = metronome::ProbeIoUring();
+    absl::Status probe = metronome::ProbeIoUring(RingOps(*pipeline));
     printf("io_uring: %s\n", probe.ok() ? "ok" : std::string(probe.message()).c_str());
     if (!probe.ok()) return 1;
   }
@@ -103,7 +112,7 @@ int Serve(const Args& args) {
     }
   }
   if (AnyRing(*pipeline)) {
-    if (absl::Status probe = metronome::ProbeIoUring(); !probe.ok()) {
+    if (absl::Status probe = metronome::ProbeIoUring(RingOps(*pipeline)); !probe.ok()) {
       fprintf(stderr, "metronome: %s\n", std::string(probe.message()).c_str());
       return 1;
     }

@@ -33,6 +33,7 @@
 #include <string>
 #include <string_view>
 #include <typeindex>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
@@ -47,6 +48,13 @@ namespace metronome {
 
 class Outbox;
 class Ring;
+
+// An io_uring opcode a stage submits, for the start-up probe (uring.h).
+struct RingOp {
+  int op;             // IORING_OP_*
+  const char* name;   // "SENDMSG"
+  const char* since;  // the Linux version that brought it (as the stage uses it), "5.3"
+};
 
 // Receives a stage's own figures. Names are snake_case with their unit last
 // ("requests_total", "busy_seconds"); /metrics prefixes them with metronome_<stage type>_ and
@@ -157,6 +165,9 @@ class Stage {
   virtual void Shutdown() {}
 
   virtual bool NeedsRing() const { return false; }
+  // The io_uring opcodes this stage submits (NeedsRing stages): probed before any thread starts,
+  // by `serve` and `check`, so a kernel without one fails with its name, not mid-request.
+  virtual std::vector<RingOp> RingOps() const { return {}; }
   // The stage must run on the process's main thread (the embedded interpreter's thread).
   virtual bool NeedsMainThread() const { return false; }
   // A sink emits nothing; its lane keeps serving it while downstream queues are full.

@@ -150,6 +150,14 @@ absl::Status AcceptStage::Start(StageEnv& env) {
   return absl::OkStatus();
 }
 
+std::vector<RingOp> AcceptStage::RingOps() const {
+  return {{IORING_OP_ACCEPT, "ACCEPT (multishot)", "5.19"},
+          {IORING_OP_RECV, "RECV (multishot, provided buffers)", "6.0"},
+          {IORING_OP_SEND, "SEND (the max_connections 503)", "5.6"},
+          {IORING_OP_CLOSE, "CLOSE", "5.6"},
+          {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL", "5.5"}};
+}
+
 void AcceptStage::ArmAccept() {
   io_uring_sqe* sqe = ring_->GetSqe();
   io_uring_prep_multishot_accept(sqe, listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);

@@ -30,6 +30,7 @@ class AcceptStage : public Stage {
   bool Idle() const override;
   void Shutdown() override;
   bool NeedsRing() const override { return true; }
+  std::vector<RingOp> RingOps() const override;
   void ExtraStats(StatsSink& sink) const override;
 
  private:

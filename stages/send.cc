@@ -106,6 +106,8 @@ void SendStage::FlushAccessLog() {
   access_buf_.clear();
 }
 
+std::vector<RingOp> SendStage::RingOps() const { return {{IORING_OP_SENDMSG, "SENDMSG", "5.3"}}; }
+
 SendStage::Conn* SendStage::Lookup(ConnId id) {
   Conn& c = conns_[SlotOf(id)];
   if (c.gen != GenOf(id)) {

@@ -28,6 +28,7 @@ class SendStage : public Stage {
   bool Idle() const override;
   bool IsSink() const override { return true; }
   bool NeedsRing() const override { return true; }
+  std::vector<RingOp> RingOps() const override;
   void Shutdown() override;
   void ExtraStats(StatsSink& sink) const override;
 
