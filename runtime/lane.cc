@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -133,6 +134,8 @@ void Lane::Run() {
         for (size_t i = 0; i < n; ++i) {
           Item* item = batch[i];
           stats_.handoff_ns.Record(static_cast<uint64_t>(std::max<int64_t>(0, now - item->enqueued_ns)));
+          // Items only move forward, into this lane's stages (pipeline.h).
+          assert(item->next_stage >= spec_.first_stage && item->next_stage <= spec_.last_stage);
           out_.local_[static_cast<size_t>(item->next_stage - spec_.first_stage)].push_back(item);
         }
         RunLocal(spec_.first_stage);

@@ -307,7 +307,9 @@ PyObject* PythonStage::Budgeted(const http::Request* r, const http::RouteTarget&
     // The server fails the request itself, whatever the handler made of the exception.
     Py_XDECREF(result);
     PyErr_Clear();
-    *outcome = cpu_fired ? Outcome::kCpu : Outcome::kMemory;
+    // Both can be true (a big allocation on a loaded machine takes long): the failed
+    // allocation is the cause the handler saw, so memory wins.
+    *outcome = account->exceeded ? Outcome::kMemory : Outcome::kCpu;
     return nullptr;
   }
   *outcome = result == nullptr ? Outcome::kRaised : Outcome::kOk;
@@ -521,6 +523,10 @@ PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is
 }
 
 void PythonStage::EmitChunk(Stream& s, http::BodyChunk* chunk, Outbox& out) {
+  // A stream emits its pieces in order and ends exactly once, with its reserved terminal chunk.
+  assert(s.iter != nullptr || chunk->terminal());
+  assert(!chunk->terminal() || (chunk->request == s.request && s.terminal == nullptr));
+  assert(s.framing != http::Framing::kDeclared || s.sent + static_cast<int64_t>(chunk->data.size()) <= s.declared);
   chunk->conn = s.conn;
   chunk->seq = s.seq;
   chunk->part = s.next_part++;
