@@ -33,6 +33,7 @@
 #include "stages/py/convert.h"
 #include "stages/py/interpreter.h"
 #include "stages/py/module.h"
+#include "stages/py/wsgi.h"
 
 namespace metronome::py {
 namespace {
@@ -99,6 +100,7 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
     py.Error("app", "expected \"package.module:attribute\", e.g. \"examples.app:app\"");
   }
   path_ = py.StringList("path");
+  interface_config_ = py.Enum("interface", "auto", {"auto", "metronome", "wsgi", "asgi"});
   switch_interval_ns_ = py.DurationNs("switch_interval", 200 * kNanosPerMicro, kNanosPerMicro, kNanosPerSecond);
   ConfigNode budget = py.Map("budget");
   python_->cpu_budget_ns = budget.DurationNs("cpu", 50 * kNanosPerMilli, 0, 3600 * kNanosPerSecond);
@@ -148,15 +150,26 @@ absl::Status PythonStage::StartMain() {
     Py_XDECREF(r);
     Py_XDECREF(sys);
     if (r == nullptr) return absl::InternalError(absl::StrCat("sys.setswitchinterval: ", FetchExceptionLine()));
-    // Importing the app imports the metronome package, which registers its helpers.
+    // The metronome package registers its helpers with the native module; a WSGI or ASGI app
+    // does not import it, so the server does, first.
+    PyObject* package = PyImport_ImportModule("metronome");
+    if (package == nullptr) return absl::InternalError(absl::StrCat("import metronome:\n", FetchTraceback()));
+    Py_DECREF(package);
     if (absl::Status s = ImportObject(app_spec_, &app_); !s.ok()) {
       return absl::FailedPreconditionError(absl::StrCat("python.app: ", s.message()));
     }
-    if (GetHelpers().response == nullptr) {
-      return absl::FailedPreconditionError("the app did not import the metronome package (import metronome)");
+    Py_INCREF(app_);
+    python_->app = app_;
+    if (absl::Status s = ChooseInterface(); !s.ok()) return s;
+    if (python_->interface == Interface::kMetronome) {
+      if (absl::Status s = LoadRoutes(); !s.ok()) return s;
+      if (absl::Status s = CallHook(app_, "startup"); !s.ok()) return s;
+    } else {
+      if (absl::Status s = LoadAppRoutes(); !s.ok()) return s;
+      if (python_->interface == Interface::kWsgi && !wsgi::Init()) {
+        return absl::InternalError(absl::StrCat("WSGI set-up: ", FetchExceptionLine()));
+      }
     }
-    if (absl::Status s = LoadRoutes(); !s.ok()) return s;
-    if (absl::Status s = CallHook(app_, "startup"); !s.ok()) return s;
     int64_t smallest = python_->cpu_budget_ns > 0 ? python_->cpu_budget_ns : Watchdog::kIdleLookMaxNs * 2;
     for (const http::RouteTarget& t : routes_->targets) {
       if (t.kind == http::RouteTarget::Kind::kPython && t.cpu_budget_ns > 0) smallest = std::min(smallest, t.cpu_budget_ns);
@@ -176,6 +189,81 @@ absl::Status PythonStage::StartMain() {
                ? absl::StrCat(", rss_limit ", FormatSize(static_cast<uint64_t>(watchdog_options_.rss_limit_bytes))).c_str()
                : "",
            static_cast<size_t>(dispatch_->lanes()));
+  return absl::OkStatus();
+}
+
+const char* InterfaceName(Interface i) {
+  switch (i) {
+    case Interface::kMetronome: return "metronome";
+    case Interface::kWsgi: return "wsgi";
+    case Interface::kAsgi: return "asgi";
+  }
+  return "?";
+}
+
+absl::Status PythonStage::ChooseInterface() {
+  PyObject* app_module = PyImport_ImportModule("metronome._app");
+  PyObject* r = app_module ? PyObject_CallMethod(app_module, "detect_interface", "O", app_) : nullptr;
+  Py_XDECREF(app_module);
+  const char *found = nullptr, *why = nullptr;
+  if (r == nullptr || !PyArg_ParseTuple(r, "zs", &found, &why)) {
+    Py_XDECREF(r);
+    return absl::InternalError(absl::StrCat("metronome._app.detect_interface: ", FetchExceptionLine()));
+  }
+  std::string detected = found != nullptr ? found : "", reason = why;
+  Py_DECREF(r);
+  std::string chosen = interface_config_ == "auto" ? detected : interface_config_;
+  if (chosen.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("python.app '", app_spec_, "' is ", reason,
+                                                      ": not a metronome.App, a WSGI callable or an ASGI app"));
+  }
+  if (chosen == "metronome" && detected != "metronome") {
+    return absl::FailedPreconditionError(absl::StrCat("python.interface is metronome, but python.app '", app_spec_,
+                                                      "' is ", reason, ", not a metronome.App"));
+  }
+  if (chosen != "metronome" && detected == "metronome") {
+    return absl::FailedPreconditionError(absl::StrCat("python.interface is ", chosen, ", but python.app '", app_spec_,
+                                                      "' is a metronome.App (use interface: metronome or auto)"));
+  }
+  python_->interface = chosen == "metronome" ? Interface::kMetronome : chosen == "wsgi" ? Interface::kWsgi : Interface::kAsgi;
+  LOG_INFO("python: %s is served as %s: %s", app_spec_.c_str(), chosen.c_str(),
+           interface_config_ == "auto" ? absl::StrCat("python.interface auto, and it is ", reason).c_str()
+                                       : "python.interface says so");
+  return absl::OkStatus();
+}
+
+absl::Status PythonStage::LoadAppRoutes() {
+  python_->wsgi_info.server_name = http_config_.listen_host;
+  python_->wsgi_info.server_port = std::to_string(http_config_.listen_port);
+  python_->wsgi_info.multithread = dispatch_->lanes() > 1;
+  auto add = [&](const std::string& pattern, int64_t cpu_ns, int64_t memory_bytes, bool heavy) {
+    PythonShared::Handler h;
+    Py_INCREF(app_);
+    h.callable = app_;
+    h.stats = std::make_unique<RouteStats>();
+    h.stats->label = absl::StrCat(InterfaceName(python_->interface), " ", pattern);
+    const int handler = static_cast<int>(python_->handlers.size());
+    python_->handlers.push_back(std::move(h));
+    for (int m = 0; m < http::kRouteMethods; ++m) {
+      const auto method = static_cast<http::Method>(m);
+      if (method == http::Method::kHead) continue;  // served by the GET target; the app sees HEAD
+      http::RouteTarget t;
+      t.kind = http::RouteTarget::Kind::kPython;
+      t.pattern = pattern;
+      t.method = method;
+      t.handler = handler;
+      t.cpu_budget_ns = cpu_ns;
+      t.memory_budget_bytes = static_cast<uint64_t>(memory_bytes);
+      t.heavy = heavy;
+      routes_->targets.push_back(std::move(t));
+    }
+  };
+  // python.routes: the app's paths that need budgets of their own (their routes are not
+  // declared to metronome). The method key narrows nothing here: the app routes by method.
+  for (const RouteOverride& ov : overrides_) {
+    add(ov.path, ov.cpu_ns, ov.memory_bytes, ov.heavy == 1);
+  }
+  add("/{path:path}", 0, 0, false);
   return absl::OkStatus();
 }
 
@@ -279,6 +367,7 @@ void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
       http::BodyChunk* first = st.first;
       st.first = nullptr;
       EmitChunk(st, first, out);
+      if (st.cut_after_first) EndStream(streams_.size() - 1, true, "the body was longer than its declared Content-Length", out);
     }
   }
   saved_ = PyEval_SaveThread();
@@ -321,6 +410,10 @@ void PythonStage::Handle(http::Request* r, Outbox& out) {
   const http::RouteTarget& target = routes_->targets[static_cast<size_t>(r->route)];
   PythonShared::Handler& h = python_->handlers[static_cast<size_t>(target.handler)];
   RouteStats& stats = *h.stats;
+  if (python_->interface == Interface::kWsgi) {
+    HandleWsgi(r, target, stats);
+    return;
+  }
   PyObject* req = static_cast<PyObject*>(r->py_request);
   if (req == nullptr) {
     req = NewRequest(r, shared_);
@@ -380,98 +473,226 @@ void PythonStage::Handle(http::Request* r, Outbox& out) {
   }
   if (r->plugins_seen != 0) CallOnResponse(r, req);
   r->responded = true;
-  if (r->resp.stream_source != nullptr) StartStream(r, target, stats);
+  if (r->resp.stream_source != nullptr) {
+    Stream st;
+    st.iter = static_cast<PyObject*>(r->resp.stream_source);
+    r->resp.stream_source = nullptr;
+    StartStream(r, target, stats, std::move(st));
+  }
   if (r->resp.status >= 500) stats.errors.Add();
 }
 
-void PythonStage::StartStream(http::Request* r, const http::RouteTarget& target, RouteStats& stats) {
-  http::Response& resp = r->resp;
-  auto* iter = static_cast<PyObject*>(resp.stream_source);
-  resp.stream_source = nullptr;
-  // HTTP/1.0 has no chunked framing: the body ends when the connection closes.
-  if (resp.framing == http::Framing::kChunked && r->head.version_minor == 0) {
-    resp.framing = http::Framing::kUntilClose;
-    resp.close = true;
-  }
-  auto close_iter = [](PyObject* it) {
-    PyObject* r = PyObject_HasAttrString(it, "close") ? PyObject_CallMethod(it, "close", nullptr) : Py_NewRef(Py_None);
+// Closes what a stream came from: the WSGI iterable's close() (PEP 3333), else the iterator's
+// (a generator's `finally` runs); a raise is logged. Releases the stream's references.
+void PythonStage::CloseSource(Stream& s) {
+  PyObject* target = s.close_target != nullptr ? s.close_target : s.iter;
+  if (target != nullptr && PyObject_HasAttrString(target, "close")) {
+    SetMemoryAccount(&s.account);
+    PyObject* r = PyObject_CallMethod(target, "close", nullptr);
+    SetMemoryAccount(nullptr);
     if (r == nullptr) {
       LOG_RATE_LIMITED(LogLevel::kError, "a streamed body's close() raised:\n%s", FetchTraceback().c_str());
     }
     Py_XDECREF(r);
-    Py_DECREF(it);
-  };
-  if (!http::ResponseHasBody(*r)) {
-    // HEAD (or a bodiless status): the head says what GET would send; the app's iterator is not
-    // run, only closed.
-    close_iter(iter);
+  }
+  Py_CLEAR(s.iter);
+  Py_CLEAR(s.close_target);
+  Py_CLEAR(s.start_response);
+}
+
+void PythonStage::HandleWsgi(http::Request* r, const http::RouteTarget& target, RouteStats& stats) {
+  PyObject* environ = wsgi::NewEnviron(*r, *shared_, python_->wsgi_info);
+  PyObject* start_response = environ != nullptr ? wsgi::NewStartResponse() : nullptr;
+  if (start_response == nullptr) {
+    Py_XDECREF(environ);
+    Fail(r, stats, 500);
     return;
   }
+  account_ = MemoryAccount{};
+  account_.cap = target.memory_budget_bytes > 0 ? static_cast<int64_t>(target.memory_budget_bytes) : python_->memory_budget_bytes;
+  Outcome outcome = Outcome::kRaised;
+  int64_t dt = 0;
+  PyObject* result = Budgeted(r, target, stats, &account_, [&] {
+    return PyObject_CallFunctionObjArgs(python_->app, environ, start_response, nullptr);
+  }, &outcome, &dt);
+  Py_DECREF(environ);
+  stats.calls.Add();
+  stats.handler_hist_ns.Record(static_cast<uint64_t>(dt));
+  r->resp.Reset();
+  if (outcome == Outcome::kCpu || outcome == Outcome::kMemory) {
+    Py_DECREF(start_response);
+    if (outcome == Outcome::kCpu) {
+      BudgetFail(r, stats, "cpu", dt, target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns);
+    } else {
+      BudgetFail(r, stats, "memory", account_.peak, account_.cap);
+      malloc_trim(0);
+    }
+    return;
+  }
+  if (result == nullptr) {
+    Py_DECREF(start_response);
+    Fail(r, stats, 500);
+    return;
+  }
+  r->responded = true;
+  // A body known whole: at most one item, start_response called, nothing written.
+  const bool sequence = PyList_CheckExact(result) || PyTuple_CheckExact(result);
+  if (sequence && PySequence_Fast_GET_SIZE(result) <= 1 && wsgi::Called(start_response) &&
+      !wsgi::HasWritten(start_response)) {
+    PyObject* item = PySequence_Fast_GET_SIZE(result) == 1 ? PySequence_Fast_GET_ITEM(result, 0) : nullptr;
+    bool ok = item == nullptr || PyBytes_Check(item);
+    if (!ok) PyErr_Format(PyExc_TypeError, "a WSGI iterable yields bytes, not %s", Py_TYPE(item)->tp_name);
+    ok = ok && wsgi::FillHead(start_response, &r->resp);
+    if (ok && item != nullptr) {
+      r->resp.body_storage.assign(PyBytes_AS_STRING(item), static_cast<size_t>(PyBytes_GET_SIZE(item)));
+      r->resp.body = r->resp.body_storage;
+    }
+    ok = ok && SettleFraming(&r->resp);
+    std::string error = ok ? "" : FetchExceptionLine();
+    wsgi::CloseIterable(result, stats.label.c_str());
+    Py_DECREF(result);
+    Py_DECREF(start_response);
+    if (!ok) {
+      bad_results_.Add();
+      stats.errors.Add();
+      LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s: %s: 500", stats.label.c_str(), static_cast<int>(r->head.target.size()),
+                       r->head.target.data(), error.c_str());
+      SetInternalError(&r->resp);
+      return;
+    }
+    if (r->plugins_seen != 0) CallOnResponse(r, static_cast<PyObject*>(r->py_request));
+    if (r->resp.status >= 500) stats.errors.Add();
+    return;
+  }
+  // Streamed (or write() was used): stepped like an iterator response.
+  Stream st;
+  st.close_target = result;  // its close(), in every case
+  st.start_response = start_response;
+  st.iter = PyObject_GetIter(result);
+  if (st.iter == nullptr) {
+    std::string error = FetchExceptionLine();
+    CloseSource(st);
+    bad_results_.Add();
+    stats.errors.Add();
+    LOG_RATE_LIMITED(LogLevel::kError, "%s: the WSGI app returned a non-iterable: %s: 500", stats.label.c_str(), error.c_str());
+    SetInternalError(&r->resp);
+    return;
+  }
+  StartStream(r, target, stats, std::move(st));
+  if (r->resp.status >= 500) stats.errors.Add();
+}
+
+void PythonStage::StartStream(http::Request* r, const http::RouteTarget& target, RouteStats& stats, Stream st) {
+  http::Response& resp = r->resp;
+  st.request = r;
+  st.conn = r->conn;
+  st.seq = r->seq;
+  st.route = r->route;
+  st.account = account_;  // the handler's allocations stay charged to its request
+  const bool is_wsgi = st.start_response != nullptr;
   http::BodyChunk* terminal = shared_->body_chunks.Take();
   http::BodyChunk* first = terminal != nullptr ? shared_->body_chunks.Take() : nullptr;
-  if (first == nullptr) {
+  auto give_back = [&] {
+    if (first != nullptr) shared_->body_chunks.Give(first, *chunk_giver_);
     if (terminal != nullptr) shared_->body_chunks.Give(terminal, *chunk_giver_);
-    close_iter(iter);
+    first = terminal = nullptr;
+  };
+  if (first == nullptr) {
+    give_back();
+    CloseSource(st);
     LOG_RATE_LIMITED(LogLevel::kWarn, "%s: no body chunk free for a new stream (server.stream_chunks): 503",
                      stats.label.c_str());
     resp.SetBusy(http_config_.retry_after_s);
     return;
   }
-  Stream st;
-  st.request = r;
-  st.conn = r->conn;
-  st.seq = r->seq;
-  st.iter = iter;
-  st.route = r->route;
-  st.framing = resp.framing;
-  st.declared = resp.declared_length;
-  st.terminal = terminal;
-  st.account = account_;  // the handler's allocations stay charged to its request
+  // The first step: it decides the content type, and a WSGI app may call start_response in it.
   bool is_text = false;
-  Step step = StepStream(st, &first->data, &is_text);
-  if (step != Step::kItem) {
-    shared_->body_chunks.Give(first, *chunk_giver_);
-    shared_->body_chunks.Give(terminal, *chunk_giver_);
-    if (step == Step::kFailed) {
-      // Nothing was sent yet: the request fails as a handler does (the cause was logged).
-      close_iter(iter);
-      if (st.account.exceeded) {
-        BudgetFail(r, stats, "memory", st.account.peak, st.account.cap);
-      } else if (last_step_budget_) {
-        BudgetFail(r, stats, "cpu", last_step_ns_, target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns);
-      } else {
-        SetInternalError(&resp);
-      }
-      return;
+  const bool run_first = http::ResponseHasBody(*r) || (is_wsgi && !wsgi::Called(st.start_response));
+  Step step = run_first ? StepStream(st, &first->data, &is_text) : Step::kEnd;
+  if (step == Step::kFailed) {
+    // Nothing was sent yet: the request fails as a handler does (the cause was logged).
+    give_back();
+    CloseSource(st);
+    if (st.account.exceeded) {
+      BudgetFail(r, stats, "memory", st.account.peak, st.account.cap);
+    } else if (last_step_budget_) {
+      BudgetFail(r, stats, "cpu", last_step_ns_, target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns);
+    } else {
+      SetInternalError(&resp);
     }
-    // An empty stream: an empty body, known whole.
-    close_iter(iter);
-    if (st.declared > 0) {
-      LOG_RATE_LIMITED(LogLevel::kError, "%s declared Content-Length %lld and produced no body: 500",
-                       stats.label.c_str(), static_cast<long long>(st.declared));
+    return;
+  }
+  if (is_wsgi) {
+    resp.framing = http::Framing::kChunked;
+    if (!wsgi::FillHead(st.start_response, &resp) || !SettleFraming(&resp)) {
+      give_back();
+      CloseSource(st);
+      bad_results_.Add();
+      stats.errors.Add();
+      LOG_RATE_LIMITED(LogLevel::kError, "%s: %s", stats.label.c_str(), FetchExceptionLine().c_str());
       SetInternalError(&resp);
       return;
     }
-    resp.framing = http::Framing::kLength;
-    resp.declared_length = -1;
-    resp.body = {};
+    if (r->plugins_seen != 0) {
+      resp.stream_source = st.iter;  // lent for the round trip: plugins see status and fields
+      Py_INCREF(st.iter);
+      CallOnResponse(r, static_cast<PyObject*>(r->py_request));
+      DropStreamSource(&resp);
+      resp.framing = resp.declared_length >= 0 ? http::Framing::kDeclared : http::Framing::kChunked;
+    }
+  }
+  st.framing = resp.framing;
+  st.declared = resp.declared_length;
+  // HTTP/1.0 has no chunked framing: the body ends when the connection closes.
+  if (resp.framing == http::Framing::kChunked && r->head.version_minor == 0) {
+    resp.framing = st.framing = http::Framing::kUntilClose;
+    resp.close = true;
+  }
+  if (!http::ResponseHasBody(*r) || step == Step::kEnd) {
+    // No body on the wire (HEAD, 204, 304: the head says what GET would send), or an empty
+    // one: the source is closed and the response goes whole.
+    give_back();
+    CloseSource(st);
+    if (http::ResponseHasBody(*r)) {
+      if (st.declared > 0) {
+        LOG_RATE_LIMITED(LogLevel::kError, "%s declared Content-Length %lld and produced no body: 500",
+                         stats.label.c_str(), static_cast<long long>(st.declared));
+        SetInternalError(&resp);
+        return;
+      }
+      resp.framing = http::Framing::kLength;
+      resp.declared_length = -1;
+      resp.body = {};
+    }
     return;
   }
-  if (resp.content_type.empty()) resp.content_type = is_text ? kText : std::string_view("application/octet-stream");
+  if (resp.content_type.empty() && !is_wsgi) resp.content_type = is_text ? kText : std::string_view("application/octet-stream");
+  if (st.framing == http::Framing::kDeclared && static_cast<int64_t>(first->data.size()) > st.declared) {
+    // More than declared in the first item already: what fits goes, then the stream ends cut.
+    first->data.resize(static_cast<size_t>(st.declared));
+    st.cut_after_first = true;
+  }
+  if (is_wsgi) wsgi::MarkHeadersSent(st.start_response);
+  st.terminal = terminal;
   st.first = first;
   streams_started_.Add();
   streams_.push_back(std::move(st));
   streams_open_.store(static_cast<int64_t>(streams_.size()), std::memory_order_relaxed);
 }
 
-// One item of the stream's iterator under the route's budgets. kFailed: the cause was logged
+// One item of the stream's source under the route's budgets. kFailed: the cause was logged
 // and counted (last_step_budget_ says whether a CPU budget stopped it).
 PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is_text) {
   const http::RouteTarget& target = routes_->targets[static_cast<size_t>(s.route)];
   RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
+  last_step_budget_ = false;
+  data->clear();
+  const bool is_wsgi = s.start_response != nullptr;
+  // write() data from an earlier step goes first (PEP 3333: before the iterable's items).
+  if (is_wsgi && wsgi::TakeWritten(s.start_response, data)) return Step::kItem;
+  if (s.exhausted) return Step::kEnd;
   Outcome outcome = Outcome::kRaised;
   int64_t dt = 0;
-  last_step_budget_ = false;
   PyObject* item = Budgeted(s.request, target, stats, &s.account, [&] { return PyIter_Next(s.iter); }, &outcome, &dt);
   last_step_ns_ = dt;
   if (outcome == Outcome::kCpu || outcome == Outcome::kMemory) {
@@ -480,25 +701,36 @@ PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is
     (cpu ? cpu_kills_ : memory_kills_).Add();
     (cpu ? stats.cpu_kills : stats.memory_kills).Add();
     stats.errors.Add();
-    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its %s budget while streaming its body: the stream is cut",
+    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its %s budget while producing its body",
                      stats.label.c_str(), cpu ? "cpu" : "memory");
     return Step::kFailed;
   }
   if (item == nullptr) {
-    if (!PyErr_Occurred()) return Step::kEnd;
-    exceptions_.Add();
-    stats.errors.Add();
-    LOG_RATE_LIMITED(LogLevel::kError, "%s: its streamed body raised:\n%s", stats.label.c_str(), FetchTraceback().c_str());
-    return Step::kFailed;
+    if (PyErr_Occurred()) {
+      exceptions_.Add();
+      stats.errors.Add();
+      LOG_RATE_LIMITED(LogLevel::kError, "%s: its streamed body raised:\n%s", stats.label.c_str(), FetchTraceback().c_str());
+      return Step::kFailed;
+    }
+    s.exhausted = true;
+    // write() during the last step still counts.
+    return is_wsgi && wsgi::TakeWritten(s.start_response, data) ? Step::kItem : Step::kEnd;
   }
   bool ok = true;
-  if (PyUnicode_Check(item)) {
+  std::string written;
+  if (is_wsgi) wsgi::TakeWritten(s.start_response, &written);
+  if (PyBytes_Check(item)) {
+    data->assign(written);
+    data->append(PyBytes_AS_STRING(item), static_cast<size_t>(PyBytes_GET_SIZE(item)));
+  } else if (is_wsgi) {
+    // PEP 3333: the iterable yields bytestrings only.
+    PyErr_Format(PyExc_TypeError, "a WSGI iterable yields bytes, not %s", Py_TYPE(item)->tp_name);
+    ok = false;
+  } else if (PyUnicode_Check(item)) {
     Py_ssize_t n;
     const char* p = PyUnicode_AsUTF8AndSize(item, &n);
     if (p == nullptr) ok = false; else data->assign(p, static_cast<size_t>(n));
     *is_text = true;
-  } else if (PyBytes_Check(item)) {
-    data->assign(PyBytes_AS_STRING(item), static_cast<size_t>(PyBytes_GET_SIZE(item)));
   } else if (PyObject_CheckBuffer(item)) {
     Py_buffer view;
     if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) {
@@ -548,18 +780,7 @@ void PythonStage::EndStream(size_t index, bool abort, const char* why, Outbox& o
     why = "the body was shorter than its declared Content-Length";
   }
   // close() lets a generator's `finally` run (GeneratorExit), whatever ended the stream.
-  if (PyObject_HasAttrString(s.iter, "close")) {
-    MemoryAccount* account = &s.account;
-    SetMemoryAccount(account);
-    PyObject* r = PyObject_CallMethod(s.iter, "close", nullptr);
-    SetMemoryAccount(nullptr);
-    if (r == nullptr) {
-      LOG_RATE_LIMITED(LogLevel::kError, "%s: its streamed body's close() raised:\n%s", stats.label.c_str(),
-                       FetchTraceback().c_str());
-    }
-    Py_XDECREF(r);
-  }
-  Py_CLEAR(s.iter);
+  CloseSource(s);
   if (abort) {
     streams_aborted_.Add();
     LOG_RATE_LIMITED(LogLevel::kWarn, "%s: stream cut after %lld bytes: %s; the connection is closed",
@@ -757,6 +978,8 @@ void PythonStage::Shutdown() {
     PyEval_RestoreThread(saved_);
     for (Stream& st : streams_) {
       Py_CLEAR(st.iter);
+      Py_CLEAR(st.close_target);
+      Py_CLEAR(st.start_response);
       if (st.terminal != nullptr) shared_->body_chunks.Give(st.terminal, *chunk_giver_);
       if (st.first != nullptr) shared_->body_chunks.Give(st.first, *chunk_giver_);
     }
@@ -766,7 +989,7 @@ void PythonStage::Shutdown() {
   if (!main_) return;
   PyEval_RestoreThread(saved_);
   GlobalWatchdog().Stop();
-  if (app_ != nullptr) {
+  if (app_ != nullptr && python_->interface == Interface::kMetronome) {
     if (absl::Status s = CallHook(app_, "shutdown"); !s.ok()) LOG_ERROR("%s", std::string(s.message()).c_str());
   }
   for (PythonShared::Handler& h : python_->handlers) {
@@ -775,6 +998,7 @@ void PythonStage::Shutdown() {
   }
   for (PyObject*& p : python_->plugins) Py_CLEAR(p);
   Py_CLEAR(app_);
+  Py_CLEAR(python_->app);
   Finalize();
 }
 

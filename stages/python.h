@@ -15,6 +15,7 @@
 #include "stages/http/router.h"
 #include "stages/http/shared.h"
 #include "stages/py/budget.h"
+#include "stages/py/wsgi.h"
 
 namespace metronome::py {
 
@@ -29,7 +30,14 @@ struct RouteStats {
 
 // What the Python stages share (StageEnv::Shared<PythonShared>("python")). Filled during
 // Configure and Start (single-threaded), read during the run.
+// How the app is called (python.interface).
+enum class Interface : uint8_t { kMetronome, kWsgi, kAsgi };
+const char* InterfaceName(Interface i);
+
 struct PythonShared {
+  Interface interface = Interface::kMetronome;
+  PyObject* app = nullptr;        // the app object (WSGI callable, ASGI app, metronome.App)
+  wsgi::ServerInfo wsgi_info;
   // Stage plugins in pipeline order; the python stages call on_response after the handler.
   std::vector<PyObject*> plugins;
   std::vector<std::string> plugin_names;
@@ -69,6 +77,11 @@ class PythonStage : public Stage {
  private:
   absl::Status StartMain();
   absl::Status LoadRoutes();
+  // The interface python.interface names, or (auto) the one the app's type says.
+  absl::Status ChooseInterface();
+  // WSGI/ASGI apps declare no routes: one catch-all target, plus python.routes' paths with
+  // their own budgets.
+  absl::Status LoadAppRoutes();
   // A streamed response in progress on this lane (stages/http/stream.h).
   struct Stream {
     http::Request* request = nullptr;  // its head: an identity only, once emitted
@@ -76,6 +89,10 @@ class PythonStage : public Stage {
     uint32_t seq = 0;
     uint32_t next_part = 1;
     PyObject* iter = nullptr;
+    PyObject* close_target = nullptr;    // WSGI: the iterable (its close(), PEP 3333)
+    PyObject* start_response = nullptr;  // WSGI: write() data and the late head
+    bool exhausted = false;              // the iterator ended (write() data may still follow)
+    bool cut_after_first = false;        // the first item passed a declared length
     int route = -1;
     http::Framing framing = http::Framing::kChunked;
     int64_t declared = -1;             // kDeclared: bytes the app promised
@@ -94,7 +111,10 @@ class PythonStage : public Stage {
   void Handle(http::Request* r, Outbox& out);
   // r's response came with an iterator: starts its stream (the first item decides the content
   // type) or answers it whole when it has no body on the wire.
-  void StartStream(http::Request* r, const http::RouteTarget& target, RouteStats& stats);
+  void StartStream(http::Request* r, const http::RouteTarget& target, RouteStats& stats, Stream st);
+  void CloseSource(Stream& s);
+  // The WSGI interface: app(environ, start_response).
+  void HandleWsgi(http::Request* r, const http::RouteTarget& target, RouteStats& stats);
   enum class Step : uint8_t { kItem, kEnd, kFailed };
   Step StepStream(Stream& s, std::string* data, bool* is_text);
   // Ends a stream with its terminal chunk (`last` unless `abort`), closing the iterator.
@@ -117,6 +137,7 @@ class PythonStage : public Stage {
   int watch_ = -1;         // index in the watchdog
   int serialize_ = -1;
   std::string app_spec_;
+  std::string interface_config_ = "auto";
   std::vector<std::string> path_;
   int64_t switch_interval_ns_ = 0;
   Watchdog::Options watchdog_options_;

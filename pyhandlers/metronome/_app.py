@@ -80,6 +80,21 @@ def sync_plugin(plugin):
     return plugin
 
 
+def detect_interface(obj):
+    """(interface, why) for python.interface: auto. A metronome.App is itself; an `async def`
+    callable, or an object whose __call__ is `async def`, is ASGI; any other callable is WSGI."""
+    if isinstance(obj, App):
+        return "metronome", "a metronome.App"
+    if inspect.iscoroutinefunction(obj):
+        return "asgi", f"an async def callable ({type(obj).__name__})"
+    call = getattr(obj, "__call__", None)
+    if call is not None and not inspect.isfunction(obj) and inspect.iscoroutinefunction(call):
+        return "asgi", f"a {type(obj).__module__}.{type(obj).__qualname__} with an async __call__"
+    if callable(obj):
+        return "wsgi", f"a callable that is not async ({type(obj).__module__}.{type(obj).__qualname__})"
+    return None, f"a {type(obj).__name__}, which is not callable"
+
+
 class App:
     """Collects routes and hooks.
 
