@@ -164,6 +164,7 @@ class Lane {
   Waker waker_;
   Ring ring_;
   bool eventfd_armed_ = false;
+  int waitfd_armed_ = -1;  // the stage fd a poll is armed for on the ring (-1: none)
   uint64_t eventfd_value_ = 0;
   bool saw_stop_ = false;
   int started_ = 0;  // stages [first, started_) were started

@@ -170,6 +170,9 @@ class Stage {
   virtual std::vector<RingOp> RingOps() const { return {}; }
   // The stage must run on the process's main thread (the embedded interpreter's thread).
   virtual bool NeedsMainThread() const { return false; }
+  // A file descriptor the lane also waits on when it sleeps (readable: Poll has work), e.g. an
+  // event loop's selector; -1 for none. Asked before each sleep, on the lane's thread.
+  virtual int WaitFd() const { return -1; }
   // A sink emits nothing; its lane keeps serving it while downstream queues are full.
   virtual bool IsSink() const { return false; }
   // Extra per-stage figures for /stats and /metrics (see StatsSink).

@@ -83,6 +83,7 @@ absl::Status ProbeIoUring(const std::vector<RingOp>& ops) {
   if (rc < 0) return absl::UnavailableError(SetupFailure(-rc, "io_uring probe"));
   std::vector<RingOp> needed = ops;
   needed.push_back({IORING_OP_READ, "READ (the lane's eventfd)", "5.6"});
+  needed.push_back({IORING_OP_POLL_ADD, "POLL_ADD (a stage's wait fd)", "5.1"});
   io_uring_probe* probe = io_uring_get_probe_ring(&ring);
   std::string missing;
   if (probe == nullptr) {

@@ -22,6 +22,7 @@
 #include "stages/python.h"
 
 #include <malloc.h>
+#include <poll.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -33,6 +34,8 @@
 #include "stages/py/convert.h"
 #include "stages/py/interpreter.h"
 #include "stages/py/module.h"
+#include "stages/py/asgi.h"
+#include "stages/py/loop.h"
 #include "stages/py/wsgi.h"
 
 namespace metronome::py {
@@ -42,6 +45,10 @@ constexpr std::string_view kText = "text/plain; charset=utf-8";
 static_assert(Watchdog::kLanesMax >= http::kPythonLanesMax, "the watchdog watches every python lane");
 // A stream that found the chunk pool empty tries again after this.
 constexpr int64_t kStreamPoolRetryNs = 5 * kNanosPerMilli;
+// How often tasks in flight are looked at for python.budget.hard and the drain's cut; a task
+// waiting in receive() or send() is looked at more often (its client may be gone or reading).
+constexpr int64_t kCallCheckNs = 10 * kNanosPerMilli;
+constexpr int64_t kCallWaiterCheckNs = 1 * kNanosPerMilli;
 
 // Calls app.<name>() if the app has it; returns an error with the traceback if it raised.
 absl::Status CallHook(PyObject* app, const char* name) {
@@ -101,6 +108,7 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
   }
   path_ = py.StringList("path");
   interface_config_ = py.Enum("interface", "auto", {"auto", "metronome", "wsgi", "asgi"});
+  max_tasks_ = py.Int("max_tasks", max_tasks_, 1, 1 << 16);
   switch_interval_ns_ = py.DurationNs("switch_interval", 200 * kNanosPerMicro, kNanosPerMicro, kNanosPerSecond);
   ConfigNode budget = py.Map("budget");
   python_->cpu_budget_ns = budget.DurationNs("cpu", 50 * kNanosPerMilli, 0, 3600 * kNanosPerSecond);
@@ -133,8 +141,21 @@ absl::Status PythonStage::Start(StageEnv& env) {
   if (!python_->interpreter_ready) return absl::FailedPreconditionError("the main python stage did not start");
   PyGILState_Ensure();  // this thread's state, kept for the whole run
   watch_ = GlobalWatchdog().Register(false);
+  absl::Status loop = python_->interface == Interface::kWsgi ? absl::OkStatus() : OpenLoop();
   saved_ = PyEval_SaveThread();
-  return absl::OkStatus();
+  return loop;
+}
+
+// This lane's asyncio loop, entered as the thread's running loop (ASGI apps, async handlers).
+absl::Status PythonStage::OpenLoop() {
+  if (!asgi::Init()) return absl::InternalError(absl::StrCat("ASGI set-up: ", FetchExceptionLine()));
+  if (absl::Status s = loop_.Create(); !s.ok()) return s;
+  if (main_ && python_->interface == Interface::kAsgi) {
+    // Lifespan startup runs before the loop is this thread's running loop (run_until_complete).
+    if (absl::Status s = asgi::StartLifespan(python_->app, loop_, &lifespan_); !s.ok()) return s;
+    python_->lifespan_state = lifespan_.supported ? lifespan_.state : nullptr;
+  }
+  return loop_.Enter();
 }
 
 absl::Status PythonStage::StartMain() {
@@ -169,6 +190,9 @@ absl::Status PythonStage::StartMain() {
       if (python_->interface == Interface::kWsgi && !wsgi::Init()) {
         return absl::InternalError(absl::StrCat("WSGI set-up: ", FetchExceptionLine()));
       }
+    }
+    if (python_->interface != Interface::kWsgi) {
+      if (absl::Status s = OpenLoop(); !s.ok()) return s;
     }
     int64_t smallest = python_->cpu_budget_ns > 0 ? python_->cpu_budget_ns : Watchdog::kIdleLookMaxNs * 2;
     for (const http::RouteTarget& t : routes_->targets) {
@@ -353,24 +377,40 @@ void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
         r->resp.content_type = kText;
         r->resp.body = "server over its memory limit; retry later\n";
         r->responded = true;
-      } else {
-        Handle(r, out);
+      } else if (Handle(r, out)) {
+        continue;  // a task now: it answers when it is done (OnDone)
       }
     }
-    ReleaseRequestObject(r);
-    dispatch_->Done(lane_);
-    assert(r->resp.stream_source == nullptr && "a stream source must not leave the python stage");
-    out.EmitTo(serialize_, r);
-    // A stream started by this request: its first chunk follows its head.
-    if (!streams_.empty() && streams_.back().request == r && streams_.back().first != nullptr) {
-      Stream& st = streams_.back();
-      http::BodyChunk* first = st.first;
-      st.first = nullptr;
-      EmitChunk(st, first, out);
-      if (st.cut_after_first) EndStream(streams_.size() - 1, true, "the body was longer than its declared Content-Length", out);
-    }
+    Answered(r);
   }
+  FlushPending(out);
   saved_ = PyEval_SaveThread();
+}
+
+// r's response is final: it leaves (after its Python object is let go), and, when it started a
+// stream, the stream's first chunk right after it.
+void PythonStage::Answered(http::Request* r) {
+  ReleaseRequestObject(r);
+  dispatch_->Done(lane_);
+  assert(r->resp.stream_source == nullptr && "a stream source must not leave the python stage");
+  pending_out_.push_back(r);
+  if (!streams_.empty() && streams_.back().request == r && streams_.back().first != nullptr) {
+    Stream& st = streams_.back();
+    http::BodyChunk* first = st.first;
+    st.first = nullptr;
+    EmitChunk(st, first);
+    if (st.cut_after_first) EndStream(streams_.size() - 1, true, "the body was longer than its declared Content-Length");
+  }
+}
+
+bool PythonStage::FlushPending(Outbox& out) {
+  bool moved = false;
+  while (!pending_out_.empty() && out.Room() > 0) {
+    out.EmitTo(serialize_, pending_out_.front());
+    pending_out_.pop_front();
+    moved = true;
+  }
+  return moved;
 }
 
 template <typename F>
@@ -405,21 +445,22 @@ PyObject* PythonStage::Budgeted(const http::Request* r, const http::RouteTarget&
   return result;
 }
 
-void PythonStage::Handle(http::Request* r, Outbox& out) {
+bool PythonStage::Handle(http::Request* r, Outbox& out) {
   (void)out;
   const http::RouteTarget& target = routes_->targets[static_cast<size_t>(r->route)];
   PythonShared::Handler& h = python_->handlers[static_cast<size_t>(target.handler)];
   RouteStats& stats = *h.stats;
   if (python_->interface == Interface::kWsgi) {
     HandleWsgi(r, target, stats);
-    return;
+    return false;
   }
+  if (python_->interface == Interface::kAsgi) return HandleAsgi(r, target, stats);
   PyObject* req = static_cast<PyObject*>(r->py_request);
   if (req == nullptr) {
     req = NewRequest(r, shared_);
     if (req == nullptr) {
       Fail(r, stats, 500);
-      return;
+      return false;
     }
     r->py_request = req;
   }
@@ -453,8 +494,22 @@ void PythonStage::Handle(http::Request* r, Outbox& out) {
       BudgetFail(r, stats, "memory", account_.peak, account_.cap);
       malloc_trim(0);  // give what the request touched back to the system
     }
-    return;
+    return false;
   }
+  if (result != nullptr && PyCoro_CheckExact(result)) {
+    // An `async def` handler: its coroutine runs as a task on this lane's loop.
+    const bool deferred = StartTask(r, target, result, /*metronome=*/true);
+    Py_DECREF(result);
+    return deferred;
+  }
+  Respond(r, target, stats, result);
+  return false;
+}
+
+// A metronome.App handler's result (a new reference, or nullptr with its exception pending)
+// into r's response.
+void PythonStage::Respond(http::Request* r, const http::RouteTarget& target, RouteStats& stats, PyObject* result) {
+  r->resp.Reset();
   if (result == nullptr) {
     if (HttpErrorToResponse(&r->resp)) {
       http_errors_.Add();
@@ -471,7 +526,7 @@ void PythonStage::Handle(http::Request* r, Outbox& out) {
       return;
     }
   }
-  if (r->plugins_seen != 0) CallOnResponse(r, req);
+  if (r->plugins_seen != 0) CallOnResponse(r, static_cast<PyObject*>(r->py_request));
   r->responded = true;
   if (r->resp.stream_source != nullptr) {
     Stream st;
@@ -754,7 +809,7 @@ PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is
   return Step::kItem;
 }
 
-void PythonStage::EmitChunk(Stream& s, http::BodyChunk* chunk, Outbox& out) {
+void PythonStage::EmitChunk(Stream& s, http::BodyChunk* chunk) {
   // A stream emits its pieces in order and ends exactly once, with its reserved terminal chunk.
   assert(s.iter != nullptr || chunk->terminal());
   assert(!chunk->terminal() || (chunk->request == s.request && s.terminal == nullptr));
@@ -768,10 +823,10 @@ void PythonStage::EmitChunk(Stream& s, http::BodyChunk* chunk, Outbox& out) {
   http::StreamFlow& flow = shared_->flows[http::SlotOf(s.conn)];
   flow.buffered_bytes.fetch_add(static_cast<int64_t>(chunk->data.size()), std::memory_order_acq_rel);
   flow.buffered_chunks.fetch_add(1, std::memory_order_acq_rel);
-  out.EmitTo(serialize_, chunk);
+  pending_out_.push_back(chunk);
 }
 
-void PythonStage::EndStream(size_t index, bool abort, const char* why, Outbox& out) {
+void PythonStage::EndStream(size_t index, bool abort, const char* why) {
   Stream& s = streams_[index];
   const http::RouteTarget& target = routes_->targets[static_cast<size_t>(s.route)];
   RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
@@ -794,17 +849,27 @@ void PythonStage::EndStream(size_t index, bool abort, const char* why, Outbox& o
   t->abort = abort;
   t->request = s.request;
   if (s.first != nullptr) shared_->body_chunks.Give(s.first, *chunk_giver_);
-  EmitChunk(s, t, out);
+  EmitChunk(s, t);
   streams_[index] = std::move(streams_.back());
   streams_.pop_back();
   streams_open_.store(static_cast<int64_t>(streams_.size()), std::memory_order_relaxed);
   if (next_stream_ >= streams_.size()) next_stream_ = 0;
 }
 
-// One step of one stream, round robin, so that every chunk leaves (the lane flushes after
-// Poll) before the app is asked for the next.
+// Pending items out, one generator-stream step, one event-loop step (tasks), pending out again.
 bool PythonStage::Poll(Outbox& out) {
-  if (streams_.empty() || out.Room() < 2) return false;
+  bool worked = FlushPending(out);
+  if (!streams_.empty()) worked |= StepStreams(out);
+  if (loop_.open()) worked |= StepLoop(out);
+  worked |= FlushPending(out);
+  // Items left waiting for room: come back at once.
+  return worked || !pending_out_.empty();
+}
+
+// One step of one generator stream, round robin, so that every chunk leaves (the lane flushes
+// after Poll) before the app is asked for the next.
+bool PythonStage::StepStreams(Outbox& out) {
+  if (streams_.empty()) return false;
   const int64_t now = out.now_ns();
   bool gil = false;
   bool worked = false;
@@ -837,7 +902,7 @@ bool PythonStage::Poll(Outbox& out) {
       gil = true;
     }
     if (end_why != nullptr) {
-      EndStream(i, /*abort=*/true, end_why, out);
+      EndStream(i, /*abort=*/true, end_why);
       worked = true;
       break;
     }
@@ -858,20 +923,20 @@ bool PythonStage::Poll(Outbox& out) {
         if (s.framing == http::Framing::kDeclared && s.sent + static_cast<int64_t>(chunk->data.size()) > s.declared) {
           // More than the app declared: what fits goes out, then the connection closes.
           chunk->data.resize(static_cast<size_t>(s.declared - s.sent));
-          EmitChunk(s, chunk, out);
-          EndStream(i, true, "the body was longer than its declared Content-Length", out);
+          EmitChunk(s, chunk);
+          EndStream(i, true, "the body was longer than its declared Content-Length");
           break;
         }
-        EmitChunk(s, chunk, out);
+        EmitChunk(s, chunk);
         break;
       }
       case Step::kEnd:
         shared_->body_chunks.Give(chunk, *chunk_giver_);
-        EndStream(i, false, "", out);
+        EndStream(i, false, "");
         break;
       case Step::kFailed:
         shared_->body_chunks.Give(chunk, *chunk_giver_);
-        EndStream(i, true, "the app failed while producing it (see above)", out);
+        EndStream(i, true, "the app failed while producing it (see above)");
         break;
     }
   }
@@ -881,9 +946,12 @@ bool PythonStage::Poll(Outbox& out) {
 
 int64_t PythonStage::Tick(int64_t now_ns, Outbox& out) {
   (void)out;
-  // Poll does the work (ending stalled and cut streams); Tick only makes the lane look again.
-  if (streams_.empty()) return kNeverNs;
-  int64_t next = stream_cut_ns_;
+  // Poll does the work (ending stalled and cut streams, stepping the loop); Tick only makes the
+  // lane look again in time.
+  int64_t loop_next = loop_.open() ? loop_.next_timer_ns() : kNeverNs;
+  if (!calls_.empty()) loop_next = std::min(loop_next, std::max(next_call_check_ns_, now_ns + kCallWaiterCheckNs));
+  if (streams_.empty()) return loop_next;
+  int64_t next = std::min(stream_cut_ns_, loop_next);
   for (const Stream& s : streams_) {
     if (s.waiting_since_ns != 0) next = std::min(next, s.waiting_since_ns + http_config_.stream_stall_timeout_ns);
   }
@@ -902,10 +970,530 @@ void PythonStage::BeginStop(Outbox& out) {
   out.TickBy(stream_cut_ns_);
 }
 
+// --- tasks: ASGI requests and async handlers on this lane's loop (asgi.h) -------------------
+
+bool PythonStage::HandleAsgi(http::Request* r, const http::RouteTarget& target, RouteStats& stats) {
+  stats.calls.Add();
+  PyObject* scope = asgi::NewScope(*r, *shared_, python_->wsgi_info, python_->lifespan_state);
+  if (scope == nullptr) {
+    Fail(r, stats, 500);
+    return false;
+  }
+  const bool deferred = StartTask(r, target, scope, /*metronome=*/false);
+  Py_DECREF(scope);
+  return deferred;
+}
+
+// For the ASGI interface `what` is the scope (the app is called here); for an async handler it
+// is the coroutine the handler returned. True when the task runs; false when r was answered at
+// once (shed past python.max_tasks, or the app failed before its first step).
+bool PythonStage::StartTask(http::Request* r, const http::RouteTarget& target, PyObject* what, bool metronome) {
+  RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
+  if (static_cast<int64_t>(calls_.size()) >= max_tasks_) {
+    tasks_shed_.Add();
+    LOG_RATE_LIMITED(LogLevel::kWarn, "%s: shed with 503: %zu tasks in flight on this lane (python.max_tasks)",
+                     stats.label.c_str(), calls_.size());
+    if (metronome) {
+      PyObject* closed = PyObject_CallMethod(what, "close", nullptr);
+      Py_XDECREF(closed);
+      PyErr_Clear();
+    }
+    r->resp.SetBusy(http_config_.retry_after_s);
+    r->responded = true;
+    return false;
+  }
+  auto* c = new asgi::Call();
+  c->host = this;
+  c->request = r;
+  c->conn = r->conn;
+  c->seq = r->seq;
+  c->route = r->route;
+  c->metronome = metronome;
+  c->account = MemoryAccount{};
+  c->account.cap = target.memory_budget_bytes > 0 ? static_cast<int64_t>(target.memory_budget_bytes) : python_->memory_budget_bytes;
+  c->cpu_budget_ns = target.cpu_budget_ns > 0 ? target.cpu_budget_ns : python_->cpu_budget_ns;
+  c->started_ns = MonotonicNowNs();
+  c->object = asgi::NewCallObject(c);
+  PyObject* coro = nullptr;
+  if (c->object != nullptr) {
+    if (metronome) {
+      coro = Py_NewRef(what);
+    } else {
+      PyObject* channel = asgi::Channel(c->object);
+      if (channel != nullptr) {
+        // Calling the app only makes its coroutine; its code runs in the task's steps.
+        SetMemoryAccount(&c->account);
+        coro = PyObject_CallFunctionObjArgs(python_->app, what, PyTuple_GET_ITEM(channel, 0), PyTuple_GET_ITEM(channel, 1), nullptr);
+        SetMemoryAccount(nullptr);
+        Py_DECREF(channel);
+      }
+    }
+  }
+  PyObject* wrapped = coro != nullptr ? asgi::WrapCoroutine(coro, c) : nullptr;
+  Py_XDECREF(coro);
+  c->task = wrapped != nullptr ? PyObject_CallMethod(loop_.loop(), "create_task", "O", wrapped) : nullptr;
+  Py_XDECREF(wrapped);
+  if (c->task == nullptr || !asgi::AddDoneCallback(c->task, c->object)) {
+    std::string error = FetchTraceback();
+    exceptions_.Add();
+    stats.errors.Add();
+    LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s: the app could not be started as a task:\n%s", stats.label.c_str(),
+                     static_cast<int>(r->head.target.size()), r->head.target.data(), error.c_str());
+    if (c->task != nullptr) {
+      PyObject* x = PyObject_CallMethod(c->task, "cancel", nullptr);
+      Py_XDECREF(x);
+      PyErr_Clear();
+    }
+    FreeCall(c);
+    SetInternalError(&r->resp);
+    r->responded = true;
+    return false;
+  }
+  if (metronome) c->req_object = Py_NewRef(static_cast<PyObject*>(r->py_request));
+  calls_.push_back(c);
+  tasks_started_.Add();
+  tasks_open_.store(static_cast<int64_t>(calls_.size()), std::memory_order_relaxed);
+  loop_.Touch();
+  return true;
+}
+
+void PythonStage::FreeCall(asgi::Call* c) {
+  if (c->object != nullptr) {
+    asgi::Detach(c->object);
+    Py_CLEAR(c->object);
+  }
+  Py_CLEAR(c->task);
+  Py_CLEAR(c->req_object);
+  Py_CLEAR(c->body);
+  Py_CLEAR(c->receive_waiter);
+  Py_CLEAR(c->send_waiter);
+  if (c->terminal != nullptr) shared_->body_chunks.Give(c->terminal, *chunk_giver_);
+  delete c;
+}
+
+// One iteration of the loop when something is due: a ready callback, a timer, the selector.
+// Before it, waiters whose condition came true are woken and tasks past python.budget.hard
+// cancelled.
+bool PythonStage::StepLoop(Outbox& out) {
+  const int64_t now = out.now_ns();
+  bool readable = false;
+  if (!loop_.due(now)) {
+    pollfd p{loop_.fd(), POLLIN, 0};
+    readable = poll(&p, 1, 0) > 0;
+  }
+  const bool watch = !calls_.empty() && (now >= next_call_check_ns_);
+  if (!loop_.due(now) && !readable && !watch) return false;
+  PyEval_RestoreThread(saved_);
+  if (watch) {
+    CheckCalls(now);
+    loop_.Refresh();  // a waiter woken above is a ready callback now
+  }
+  // Only when something is due: _run_once would block in its select otherwise.
+  if (loop_.due(now) || readable) loop_.Step();
+  saved_ = PyEval_SaveThread();
+  out.TickBy(loop_.next_timer_ns());
+  return true;
+}
+
+// Waiters and wall-clock limits; at most every kCallCheckNs unless something wakes the lane.
+void PythonStage::CheckCalls(int64_t now) {
+  next_call_check_ns_ = now + kCallCheckNs;
+  for (asgi::Call* c : calls_) {
+    http::StreamFlow& flow = shared_->flows[http::SlotOf(c->conn)];
+    const uint32_t gen = http::GenOf(c->conn);
+    if (!c->client_gone && (flow.cancelled_gen.load(std::memory_order_acquire) == gen ||
+                            flow.read_closed_gen.load(std::memory_order_acquire) == gen)) {
+      c->client_gone = true;
+    }
+    if (c->receive_waiter != nullptr && (c->client_gone || c->finished)) {
+      PyObject* m = Py_BuildValue("{s:s}", "type", "http.disconnect");
+      PyObject* x = m ? PyObject_CallMethod(c->receive_waiter, "set_result", "O", m) : nullptr;
+      Py_XDECREF(x);
+      Py_XDECREF(m);
+      PyErr_Clear();
+      Py_CLEAR(c->receive_waiter);
+    }
+    if (c->send_waiter != nullptr && (c->client_gone || http::StreamMayProduce(flow, http_config_.stream_buffer_bytes))) {
+      PyObject* x = PyObject_CallMethod(c->send_waiter, "set_result", "O", Py_None);
+      Py_XDECREF(x);
+      PyErr_Clear();
+      Py_CLEAR(c->send_waiter);
+    }
+    const bool over_hard = now - c->started_ns > watchdog_options_.hard_ns;
+    const bool cut = now >= stream_cut_ns_;
+    if ((over_hard || cut) && c->budget_failed == 0 && c->task != nullptr) {
+      c->budget_failed = over_hard ? 'h' : 's';
+      PyObject* x = PyObject_CallMethod(c->task, "cancel", nullptr);
+      Py_XDECREF(x);
+      PyErr_Clear();
+    }
+    if (c->receive_waiter != nullptr || c->send_waiter != nullptr) next_call_check_ns_ = std::min(next_call_check_ns_, now + kCallWaiterCheckNs);
+  }
+}
+
+void PythonStage::StepBegin(asgi::Call& c) {
+  const http::RouteTarget& target = routes_->targets[static_cast<size_t>(c.route)];
+  RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
+  const int64_t t0 = MonotonicNowNs();
+  c.step_start_ns = t0;
+  const int64_t left = c.cpu_budget_ns > 0 ? std::max<int64_t>(kNanosPerMicro, c.cpu_budget_ns - c.cpu_used_ns) : 0;
+  dispatch_->Busy(lane_, t0);
+  busy_since_ns_.store(t0, std::memory_order_relaxed);
+  busy_request_.store(c.head_emitted ? nullptr : c.request, std::memory_order_release);
+  GlobalWatchdog().Begin(watch_, ++seq_, t0, left, stats.label.c_str());
+  SetMemoryAccount(&c.account);
+}
+
+bool PythonStage::StepEnd(asgi::Call& c) {
+  SetMemoryAccount(nullptr);
+  const int64_t t1 = MonotonicNowNs();
+  const bool fired = GlobalWatchdog().End(watch_, t1);
+  dispatch_->Idle(lane_);
+  busy_request_.store(nullptr, std::memory_order_release);
+  const int64_t dt = t1 - c.step_start_ns;
+  c.cpu_used_ns += dt;
+  const http::RouteTarget& target = routes_->targets[static_cast<size_t>(c.route)];
+  RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
+  stats.handler_ns.Add(static_cast<uint64_t>(dt));
+  task_step_ns_.Record(static_cast<uint64_t>(dt));
+  if (c.budget_failed != 0) return c.budget_failed == 'c' || c.budget_failed == 'm';
+  if (c.account.exceeded) c.budget_failed = 'm';
+  else if (fired) c.budget_failed = 'c';
+  return c.budget_failed != 0;
+}
+
+PyObject* PythonStage::OnReceive(asgi::Call& c) {
+  if (!c.body_delivered) {
+    c.body_delivered = true;
+    PyObject* body = c.body != nullptr ? Py_NewRef(c.body)
+                                       : PyBytes_FromStringAndSize(c.request->body.data(), static_cast<Py_ssize_t>(c.request->body.size()));
+    if (body == nullptr) return nullptr;
+    return Py_BuildValue("{s:s,s:N,s:O}", "type", "http.request", "body", body, "more_body", Py_False);
+  }
+  if (c.finished || c.client_gone) return Py_BuildValue("{s:s}", "type", "http.disconnect");
+  if (c.receive_waiter == nullptr) {
+    c.receive_waiter = PyObject_CallMethod(loop_.loop(), "create_future", nullptr);
+    if (c.receive_waiter == nullptr) return nullptr;
+    next_call_check_ns_ = 0;  // look at it on the next turn
+  }
+  return Py_NewRef(c.receive_waiter);
+}
+
+namespace {
+
+// message[key] as bytes (b"" when absent); nullptr with TypeError when it is something else.
+PyObject* BytesField(PyObject* message, const char* key) {
+  PyObject* v = PyDict_GetItemString(message, key);  // borrowed
+  if (v == nullptr || v == Py_None) return PyBytes_FromStringAndSize("", 0);
+  if (PyBytes_Check(v)) return Py_NewRef(v);
+  if (PyByteArray_Check(v) || PyMemoryView_Check(v)) return PyBytes_FromObject(v);
+  PyErr_Format(PyExc_TypeError, "ASGI message '%s' must be bytes, not %s", key, Py_TYPE(v)->tp_name);
+  return nullptr;
+}
+
+}  // namespace
+
+PyObject* PythonStage::OnSend(asgi::Call& c, PyObject* message) {
+  PyObject* type = PyDict_GetItemString(message, "type");  // borrowed
+  const char* kind = type != nullptr && PyUnicode_Check(type) ? PyUnicode_AsUTF8(type) : nullptr;
+  if (kind == nullptr) {
+    PyErr_SetString(PyExc_ValueError, "an ASGI message needs a 'type'");
+    return nullptr;
+  }
+  if (c.client_gone) Py_RETURN_NONE;  // nothing reaches the client any more
+  http::Request* r = c.request;
+  if (strcmp(kind, "http.response.start") == 0) {
+    if (c.response_started) {
+      PyErr_SetString(PyExc_RuntimeError, "http.response.start sent twice");
+      return nullptr;
+    }
+    PyObject* status = PyDict_GetItemString(message, "status");
+    long code = status != nullptr ? PyLong_AsLong(status) : -1;
+    if (code < 100 || code > 599) {
+      PyErr_Clear();
+      PyErr_Format(PyExc_ValueError, "http.response.start status must be an int in 100..599, got %R", status ? status : Py_None);
+      return nullptr;
+    }
+    r->resp.Reset();
+    r->resp.status = static_cast<int>(code);
+    PyObject* headers = PyDict_GetItemString(message, "headers");
+    if (headers != nullptr && headers != Py_None) {
+      PyObject* it = PyObject_GetIter(headers);
+      if (it == nullptr) return nullptr;
+      PyObject* pair;
+      while ((pair = PyIter_Next(it)) != nullptr) {
+        PyObject* seq = PySequence_Fast(pair, "an ASGI header is a [name, value] pair");
+        Py_DECREF(pair);
+        if (seq == nullptr || PySequence_Fast_GET_SIZE(seq) != 2 || !PyBytes_Check(PySequence_Fast_GET_ITEM(seq, 0)) ||
+            !PyBytes_Check(PySequence_Fast_GET_ITEM(seq, 1))) {
+          Py_XDECREF(seq);
+          Py_DECREF(it);
+          if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "an ASGI header is a pair of bytes");
+          return nullptr;
+        }
+        http::ExtraHeader f;
+        PyObject* k = PySequence_Fast_GET_ITEM(seq, 0);
+        PyObject* v = PySequence_Fast_GET_ITEM(seq, 1);
+        f.name.assign(PyBytes_AS_STRING(k), static_cast<size_t>(PyBytes_GET_SIZE(k)));
+        f.value.assign(PyBytes_AS_STRING(v), static_cast<size_t>(PyBytes_GET_SIZE(v)));
+        Py_DECREF(seq);
+        if (!AddField(std::move(f), &r->resp)) {
+          Py_DECREF(it);
+          return nullptr;
+        }
+      }
+      Py_DECREF(it);
+      if (PyErr_Occurred()) return nullptr;
+    }
+    c.response_started = true;
+    Py_RETURN_NONE;
+  }
+  if (strcmp(kind, "http.response.body") != 0) {
+    PyErr_Format(PyExc_ValueError, "unknown ASGI message type '%s' for an http scope", kind);
+    return nullptr;
+  }
+  if (!c.response_started) {
+    PyErr_SetString(PyExc_RuntimeError, "http.response.body before http.response.start");
+    return nullptr;
+  }
+  if (c.finished) Py_RETURN_NONE;  // the response is complete: later bodies are ignored
+  PyObject* body = BytesField(message, "body");
+  if (body == nullptr) return nullptr;
+  PyObject* more_obj = PyDict_GetItemString(message, "more_body");
+  const bool more = more_obj != nullptr && PyObject_IsTrue(more_obj) == 1;
+  const std::string_view data(PyBytes_AS_STRING(body), static_cast<size_t>(PyBytes_GET_SIZE(body)));
+  if (!c.head_emitted) {
+    http::Response& resp = r->resp;
+    if (!more) {
+      resp.body_storage.assign(data.data(), data.size());
+      resp.body = resp.body_storage;
+      Py_DECREF(body);
+      if (!SettleFraming(&resp)) {
+        LOG_RATE_LIMITED(LogLevel::kError, "ASGI %.*s: %s: 500", static_cast<int>(r->head.target.size()),
+                         r->head.target.data(), FetchExceptionLine().c_str());
+        bad_results_.Add();
+        SetInternalError(&resp);
+      }
+      c.finished = true;
+      EmitCallHead(c);
+      Py_RETURN_NONE;
+    }
+    resp.framing = http::Framing::kChunked;
+    if (!SettleFraming(&resp)) {
+      Py_DECREF(body);
+      return nullptr;
+    }
+    if (resp.framing == http::Framing::kChunked && r->head.version_minor == 0) {
+      resp.framing = http::Framing::kUntilClose;
+      resp.close = true;
+    }
+    c.framing = resp.framing;
+    c.declared = resp.declared_length;
+    if (!http::ResponseHasBody(*r)) {
+      Py_DECREF(body);
+      c.finished = true;  // HEAD, 204, 304: the head is the whole response
+      EmitCallHead(c);
+      Py_RETURN_NONE;
+    }
+    c.terminal = shared_->body_chunks.Take();
+    if (c.terminal == nullptr) {
+      Py_DECREF(body);
+      LOG_RATE_LIMITED(LogLevel::kWarn, "ASGI: no body chunk free for a new stream (server.stream_chunks): 503");
+      resp.SetBusy(http_config_.retry_after_s);
+      c.finished = true;
+      EmitCallHead(c);
+      Py_RETURN_NONE;
+    }
+    EmitCallHead(c);
+  }
+  bool cut = false;
+  std::string_view part = data;
+  if (c.framing == http::Framing::kDeclared && c.sent + static_cast<int64_t>(part.size()) > c.declared) {
+    part = part.substr(0, static_cast<size_t>(c.declared - c.sent));
+    cut = true;
+  }
+  if (!part.empty()) {
+    http::BodyChunk* chunk = shared_->body_chunks.Take();
+    if (chunk == nullptr) {
+      cut = true;  // the pool is empty: the stream cannot go on
+    } else {
+      chunk->data.assign(part.data(), part.size());
+      EmitCallChunk(c, chunk);
+    }
+  }
+  Py_DECREF(body);
+  if (cut) {
+    EndCallStream(c, /*abort=*/true, "the body was longer than its declared Content-Length, or no chunk was free");
+    Py_RETURN_NONE;
+  }
+  if (!more) {
+    EndCallStream(c, /*abort=*/c.framing == http::Framing::kDeclared && c.sent != c.declared,
+                  "the body was shorter than its declared Content-Length");
+    Py_RETURN_NONE;
+  }
+  // Backpressure: past the connection's bound, send() waits until the client reads.
+  http::StreamFlow& flow = shared_->flows[http::SlotOf(c.conn)];
+  if (!http::StreamMayProduce(flow, http_config_.stream_buffer_bytes)) {
+    flow.producer_waiting.store(true, std::memory_order_release);
+    stream_pauses_.Add();
+    if (c.send_waiter == nullptr) c.send_waiter = PyObject_CallMethod(loop_.loop(), "create_future", nullptr);
+    if (c.send_waiter == nullptr) return nullptr;
+    next_call_check_ns_ = 0;
+    return Py_NewRef(c.send_waiter);
+  }
+  Py_RETURN_NONE;
+}
+
+// The head leaves: the request (with its whole body, or the head of a stream) goes to serialize.
+void PythonStage::EmitCallHead(asgi::Call& c) {
+  http::Request* r = c.request;
+  assert(!c.head_emitted);
+  if (!c.body_delivered && c.body == nullptr) {
+    // receive() may still be called: keep the body, the request is about to leave.
+    c.body = PyBytes_FromStringAndSize(r->body.data(), static_cast<Py_ssize_t>(r->body.size()));
+    if (c.body == nullptr) PyErr_Clear();
+  }
+  c.head_emitted = true;
+  r->responded = true;
+  if (c.req_object != nullptr) {
+    ReleaseRequestObject(r);
+    Py_CLEAR(c.req_object);
+  }
+  dispatch_->Done(lane_);
+  pending_out_.push_back(r);
+  if (c.terminal != nullptr) streams_started_.Add();
+}
+
+void PythonStage::EmitCallChunk(asgi::Call& c, http::BodyChunk* chunk) {
+  chunk->conn = c.conn;
+  chunk->seq = c.seq;
+  chunk->part = c.next_part++;
+  chunk->framing = c.framing;
+  chunk->producer = waker_;
+  c.sent += static_cast<int64_t>(chunk->data.size());
+  http::StreamFlow& flow = shared_->flows[http::SlotOf(c.conn)];
+  flow.buffered_bytes.fetch_add(static_cast<int64_t>(chunk->data.size()), std::memory_order_acq_rel);
+  flow.buffered_chunks.fetch_add(1, std::memory_order_acq_rel);
+  pending_out_.push_back(chunk);
+}
+
+void PythonStage::EndCallStream(asgi::Call& c, bool abort, const char* why) {
+  assert(c.head_emitted && c.terminal != nullptr);
+  http::BodyChunk* t = c.terminal;
+  c.terminal = nullptr;
+  t->last = !abort;
+  t->abort = abort;
+  t->request = c.request;
+  EmitCallChunk(c, t);
+  c.finished = true;
+  if (abort) {
+    streams_aborted_.Add();
+    LOG_RATE_LIMITED(LogLevel::kWarn, "ASGI stream cut after %lld bytes: %s; the connection is closed",
+                     static_cast<long long>(c.sent), why);
+  } else {
+    streams_completed_.Add();
+  }
+}
+
+void PythonStage::OnDone(asgi::Call& c, PyObject* task) {
+  const http::RouteTarget& target = routes_->targets[static_cast<size_t>(c.route)];
+  RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
+  http::Request* r = c.request;
+  // The outcome: a result, an exception, or cancelled.
+  PyObject* result = nullptr;
+  std::string traceback;
+  bool cancelled = false;
+  PyObject* is_cancelled = PyObject_CallMethod(task, "cancelled", nullptr);
+  cancelled = is_cancelled == Py_True;
+  Py_XDECREF(is_cancelled);
+  if (!cancelled) {
+    result = PyObject_CallMethod(task, "result", nullptr);  // raises the task's exception
+    if (result == nullptr) {
+      if (c.budget_failed != 0) PyErr_Clear(); else traceback = FetchTraceback();
+    }
+  }
+  PyErr_Clear();
+  const char* budget = c.budget_failed == 'c' ? "cpu" : c.budget_failed == 'm' ? "memory" : c.budget_failed == 'h' ? "hard" : nullptr;
+  if (c.budget_failed == 'h') tasks_hard_.Add();
+  if (!c.head_emitted) {
+    if (budget != nullptr) {
+      BudgetFail(r, stats, budget, c.budget_failed == 'm' ? c.account.peak : c.cpu_used_ns,
+                 c.budget_failed == 'm' ? c.account.cap : c.budget_failed == 'h' ? watchdog_options_.hard_ns : c.cpu_budget_ns);
+    } else if (c.budget_failed == 's') {
+      r->resp.SetBusy(http_config_.retry_after_s);  // cut by the drain
+    } else if (c.metronome) {
+      if (result == nullptr && !traceback.empty()) {
+        // Restore for Respond: an HTTPError answers its status, anything else is a 500.
+        PyObject* exc = PyObject_CallMethod(task, "exception", nullptr);
+        if (exc != nullptr && exc != Py_None) PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc)), exc);
+        Py_XDECREF(exc);
+        if (PyErr_Occurred() && !PyErr_ExceptionMatches(GetHelpers().http_error)) {
+          PyErr_Clear();
+          exceptions_.Add();
+          stats.errors.Add();
+          LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s failed with 500:\n%s", stats.label.c_str(),
+                           static_cast<int>(r->head.target.size()), r->head.target.data(), traceback.c_str());
+          SetInternalError(&r->resp);
+          r->responded = true;
+        } else {
+          Respond(r, target, stats, nullptr);
+        }
+      } else {
+        Respond(r, target, stats, result);
+        result = nullptr;  // Respond took it
+      }
+    } else if (!traceback.empty() || cancelled) {
+      exceptions_.Add();
+      stats.errors.Add();
+      LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s failed with 500:\n%s", stats.label.c_str(),
+                       static_cast<int>(r->head.target.size()), r->head.target.data(),
+                       cancelled ? "(the task was cancelled)" : traceback.c_str());
+      SetInternalError(&r->resp);
+    } else if (!c.response_started) {
+      bad_results_.Add();
+      stats.errors.Add();
+      LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s: the ASGI app returned without sending a response: 500",
+                       stats.label.c_str(), static_cast<int>(r->head.target.size()), r->head.target.data());
+      SetInternalError(&r->resp);
+    }
+    // (response started, no body sent: the head with an empty body)
+    r->responded = true;
+    Py_CLEAR(c.req_object);
+    c.head_emitted = true;
+    Answered(r);
+  } else if (!c.finished) {
+    // The head (and maybe part of the body) went out: too late for a status. The response is
+    // cut, so that the client never takes it for a complete one.
+    if (budget != nullptr) {
+      (budget[0] == 'c' ? cpu_kills_ : memory_kills_).Add();
+      LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its %s budget after its response started", stats.label.c_str(), budget);
+    } else if (!traceback.empty()) {
+      exceptions_.Add();
+      LOG_RATE_LIMITED(LogLevel::kError, "%s: the ASGI app raised after its response started:\n%s", stats.label.c_str(),
+                       traceback.c_str());
+    }
+    EndCallStream(c, true, budget != nullptr ? "a budget stopped it" : !traceback.empty() ? "the app raised"
+                                                  : "the app returned without completing its response");
+  }
+  Py_XDECREF(result);
+  if (r->resp.status >= 500 && !c.finished) stats.errors.Add();
+  for (size_t i = 0; i < calls_.size(); ++i) {
+    if (calls_[i] == &c) {
+      calls_[i] = calls_.back();
+      calls_.pop_back();
+      break;
+    }
+  }
+  tasks_open_.store(static_cast<int64_t>(calls_.size()), std::memory_order_relaxed);
+  FreeCall(&c);
+}
+
 void PythonStage::BudgetFail(http::Request* r, RouteStats& stats, const char* kind, int64_t used, int64_t budget) {
-  const bool cpu = kind[0] == 'c';
-  (cpu ? cpu_kills_ : memory_kills_).Add();
-  (cpu ? stats.cpu_kills : stats.memory_kills).Add();
+  const bool cpu = kind[0] == 'c', hard = kind[0] == 'h';
+  if (!hard) {
+    (cpu ? cpu_kills_ : memory_kills_).Add();
+    (cpu ? stats.cpu_kills : stats.memory_kills).Add();
+  }
   stats.errors.Add();
   if (cpu) {
     const int64_t over = std::max<int64_t>(0, used - budget);
@@ -915,15 +1503,20 @@ void PythonStage::BudgetFail(http::Request* r, RouteStats& stats, const char* ki
     }
     LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its cpu budget (%s) after %.1fms: 503", stats.label.c_str(),
                      FormatDuration(budget).c_str(), static_cast<double>(used) / 1e6);
+  } else if (hard) {
+    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s was still waiting after python.budget.hard (%s): cancelled, 503",
+                     stats.label.c_str(), FormatDuration(budget).c_str());
   } else {
     LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its memory budget (%s, reached %.1f MiB): 503",
                      stats.label.c_str(), FormatSize(static_cast<uint64_t>(budget)).c_str(),
                      static_cast<double>(used) / (1 << 20));
   }
+  r->resp.Reset();
   r->resp.status = 503;
-  r->resp.budget = cpu ? "cpu" : "memory";
+  r->resp.budget = cpu ? "cpu" : hard ? "hard" : "memory";
   r->resp.content_type = kText;
-  r->resp.body = cpu ? "request exceeded its cpu budget\n" : "request exceeded its memory budget\n";
+  r->resp.body = cpu ? "request exceeded its cpu budget\n" : hard ? "request exceeded its time limit\n"
+                                                              : "request exceeded its memory budget\n";
   r->responded = true;
 }
 
@@ -986,6 +1579,15 @@ void PythonStage::Shutdown() {
     streams_.clear();
     saved_ = PyEval_SaveThread();
   }
+  if (loop_.open() || !calls_.empty()) {
+    PyEval_RestoreThread(saved_);
+    // Tasks a drain that timed out left: their requests go with the process.
+    for (asgi::Call* c : calls_) FreeCall(c);
+    calls_.clear();
+    if (main_) asgi::StopLifespan(lifespan_, loop_);
+    loop_.Close();
+    saved_ = PyEval_SaveThread();
+  }
   if (!main_) return;
   PyEval_RestoreThread(saved_);
   GlobalWatchdog().Stop();
@@ -1027,6 +1629,11 @@ void PythonStage::ExtraStats(StatsSink& sink) const {
   sink.Value("stream_pauses_total", static_cast<double>(stream_pauses_.Get()));
   sink.Value("stream_stalls_total", static_cast<double>(stream_stalls_.Get()));
   sink.Value("streams_open", static_cast<double>(streams_open_.load(std::memory_order_relaxed)));
+  sink.Value("tasks_open", static_cast<double>(tasks_open_.load(std::memory_order_relaxed)));
+  sink.Value("tasks_started_total", static_cast<double>(tasks_started_.Get()));
+  sink.Value("tasks_shed_total", static_cast<double>(tasks_shed_.Get()));
+  sink.Value("tasks_hard_limit_total", static_cast<double>(tasks_hard_.Get()));
+  sink.Histogram("task_step_seconds", task_step_ns_);
   if (main_) {
     // Per route (every lane shares these; the main lane reports them once).
     for (const PythonShared::Handler& h : python_->handlers) {

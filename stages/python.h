@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <atomic>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,7 +15,9 @@
 #include "stages/http/dispatch.h"
 #include "stages/http/router.h"
 #include "stages/http/shared.h"
+#include "stages/py/asgi.h"
 #include "stages/py/budget.h"
+#include "stages/py/loop.h"
 #include "stages/py/wsgi.h"
 
 namespace metronome::py {
@@ -37,6 +40,7 @@ const char* InterfaceName(Interface i);
 struct PythonShared {
   Interface interface = Interface::kMetronome;
   PyObject* app = nullptr;        // the app object (WSGI callable, ASGI app, metronome.App)
+  PyObject* lifespan_state = nullptr;  // ASGI: the dict lifespan startup filled (borrowed)
   wsgi::ServerInfo wsgi_info;
   // Stage plugins in pipeline order; the python stages call on_response after the handler.
   std::vector<PyObject*> plugins;
@@ -60,7 +64,7 @@ struct PythonShared {
   std::atomic<int64_t> cpu_overshoot_max_ns{0};
 };
 
-class PythonStage : public Stage {
+class PythonStage : public Stage, public asgi::Host {
  public:
   absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
   absl::Status Start(StageEnv& env) override;
@@ -68,7 +72,8 @@ class PythonStage : public Stage {
   bool Poll(Outbox& out) override;
   int64_t Tick(int64_t now_ns, Outbox& out) override;
   void BeginStop(Outbox& out) override;
-  bool Idle() const override { return streams_.empty(); }
+  bool Idle() const override { return streams_.empty() && calls_.empty() && pending_out_.empty(); }
+  int WaitFd() const override { return loop_.open() ? loop_.fd() : -1; }
   std::string BusyWith() const override;
   void Shutdown() override;
   bool NeedsMainThread() const override { return main_; }
@@ -108,7 +113,26 @@ class PythonStage : public Stage {
   template <typename F>
   PyObject* Budgeted(const http::Request* r, const http::RouteTarget& target, RouteStats& stats,
                      MemoryAccount* account, F call, Outcome* outcome, int64_t* elapsed_ns);
-  void Handle(http::Request* r, Outbox& out);
+  // Runs r's handler. True when r became a task (it is answered later, by OnDone).
+  bool Handle(http::Request* r, Outbox& out);
+  void Respond(http::Request* r, const http::RouteTarget& target, RouteStats& stats, PyObject* result);
+  // Tasks (asgi.h): ASGI requests and async handlers on this lane's loop.
+  bool HandleAsgi(http::Request* r, const http::RouteTarget& target, RouteStats& stats);
+  bool StartTask(http::Request* r, const http::RouteTarget& target, PyObject* what, bool metronome);
+  void FreeCall(asgi::Call* c);
+  bool StepLoop(Outbox& out);
+  absl::Status OpenLoop();
+  void CheckCalls(int64_t now);
+  void EmitCallHead(asgi::Call& c);
+  void EmitCallChunk(asgi::Call& c, http::BodyChunk* chunk);
+  void EndCallStream(asgi::Call& c, bool abort, const char* why);
+  // asgi::Host
+  PyObject* OnSend(asgi::Call& c, PyObject* message) override;
+  PyObject* OnReceive(asgi::Call& c) override;
+  void OnDone(asgi::Call& c, PyObject* task) override;
+  void StepBegin(asgi::Call& c) override;
+  bool StepEnd(asgi::Call& c) override;
+  bool StepStreams(Outbox& out);
   // r's response came with an iterator: starts its stream (the first item decides the content
   // type) or answers it whole when it has no body on the wire.
   void StartStream(http::Request* r, const http::RouteTarget& target, RouteStats& stats, Stream st);
@@ -118,8 +142,12 @@ class PythonStage : public Stage {
   enum class Step : uint8_t { kItem, kEnd, kFailed };
   Step StepStream(Stream& s, std::string* data, bool* is_text);
   // Ends a stream with its terminal chunk (`last` unless `abort`), closing the iterator.
-  void EndStream(size_t index, bool abort, const char* why, Outbox& out);
-  void EmitChunk(Stream& s, http::BodyChunk* chunk, Outbox& out);
+  void EndStream(size_t index, bool abort, const char* why);
+  void EmitChunk(Stream& s, http::BodyChunk* chunk);
+  // Every item this stage hands on goes through pending_out_, in order (responses finished by
+  // a task come between batches); FlushPending moves what the outbox takes.
+  void Answered(http::Request* r);
+  bool FlushPending(Outbox& out);
   void CallOnResponse(http::Request* r, PyObject* req_obj);
   void Fail(http::Request* r, RouteStats& stats, int status);
   void BudgetFail(http::Request* r, RouteStats& stats, const char* kind, int64_t used, int64_t budget);
@@ -151,6 +179,12 @@ class PythonStage : public Stage {
   uint64_t seq_ = 0;                // requests started on this lane (budget interrupts carry it)
   MemoryAccount account_;
   std::vector<Stream> streams_;
+  std::deque<Item*> pending_out_;    // to serialize, in order (FlushPending)
+  LaneLoop loop_;                    // this lane's asyncio loop (metronome and ASGI interfaces)
+  asgi::Lifespan lifespan_;          // the main lane's, for an ASGI app
+  std::vector<asgi::Call*> calls_;   // tasks in flight on it
+  int64_t max_tasks_ = 256;          // python.max_tasks
+  int64_t next_call_check_ns_ = 0;
   size_t next_stream_ = 0;           // round robin
   Waker* waker_ = nullptr;           // this lane's: send wakes it when a stream may go on
   std::unique_ptr<http::ChunkPool::GiverToken> chunk_giver_;
@@ -160,6 +194,9 @@ class PythonStage : public Stage {
   int64_t stream_cut_ns_ = kNeverNs;  // streams still running then are cut (drain)
   int64_t drain_timeout_ns_ = 0;
   std::atomic<int64_t> streams_open_{0};
+  std::atomic<int64_t> tasks_open_{0};
+  Counter tasks_started_, tasks_shed_, tasks_hard_;
+  LatencyHistogram task_step_ns_;
   // The request whose app code runs now, and since when (for BusyWith, from another thread).
   std::atomic<const http::Request*> busy_request_{nullptr};
   std::atomic<int64_t> busy_since_ns_{0};  // for stats (streams_ is the lane's own)

@@ -131,6 +131,7 @@ void SendStage::Process(std::span<Item* const> batch, Outbox& out) {
         break;
       case Kind::kClosed:
         c->read_closed = true;
+        shared_->flows[SlotOf(c->id)].read_closed_gen.store(c->gen, std::memory_order_release);
         c->issued = static_cast<ConnEvent*>(item)->requests_issued;
         break;
       case Kind::kShutdown:

@@ -66,6 +66,7 @@ struct StreamFlow {
   std::atomic<int64_t> buffered_bytes{0};   // produced and not yet written or dropped
   std::atomic<int32_t> buffered_chunks{0};
   std::atomic<uint32_t> cancelled_gen{0};   // send: this generation's client is gone
+  std::atomic<uint32_t> read_closed_gen{0}; // send: this generation's read side ended (EOF)
   std::atomic<bool> producer_waiting{false};  // a producer paused on this connection
 };
 
