@@ -1082,7 +1082,10 @@ bool PythonStage::StepLoop(Outbox& out) {
     readable = poll(&p, 1, 0) > 0;
   }
   const bool watch = !calls_.empty() && (now >= next_call_check_ns_);
-  if (!loop_.due(now) && !readable && !watch) return false;
+  if (!loop_.due(now) && !readable && !watch) {
+    if (!calls_.empty()) out.TickBy(next_call_check_ns_);
+    return false;
+  }
   PyEval_RestoreThread(saved_);
   if (watch) {
     CheckCalls(now);
@@ -1092,6 +1095,7 @@ bool PythonStage::StepLoop(Outbox& out) {
   if (loop_.due(now) || readable) loop_.Step();
   saved_ = PyEval_SaveThread();
   out.TickBy(loop_.next_timer_ns());
+  if (!calls_.empty()) out.TickBy(next_call_check_ns_);
   return true;
 }
 

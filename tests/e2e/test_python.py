@@ -553,8 +553,9 @@ class StartupFailureTest(unittest.TestCase):
                                 "RuntimeError: startup hook fails on purpose: E2E-STARTUP", "e2e_startup_fail.py")
 
     def test_not_an_app(self):
-        self.assertFailsToStart("e2e_app:kept", "is not a metronome.App")
-        self.assertFailsToStart("e2e_not_an_app:app", "did not import the metronome package")
+        # Neither a metronome.App nor a callable (WSGI) nor async (ASGI): refused with its type.
+        self.assertFailsToStart("e2e_app:kept", "is a list, which is not callable")
+        self.assertFailsToStart("e2e_not_an_app:app", "not a metronome.App, a WSGI callable or an ASGI app")
 
     def test_bad_app_spec(self):
         code, out, _ = self.run_server(python_config("e2e_app"))
