@@ -1,7 +1,11 @@
 // metronome: the command line. Reads the config, builds the pipeline, runs it.
 #include <unistd.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
+#include <thread>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -9,6 +13,10 @@
 #include "absl/strings/str_cat.h"
 #include "yaml-cpp/yaml.h"
 #include "admin/listener.h"
+#include "runtime/process_events.h"
+#include "stages/http/shared.h"
+#include "supervisor/plan.h"
+#include "supervisor/supervisor.h"
 #include "runtime/config.h"
 #include "runtime/log.h"
 #include "runtime/pipeline.h"
@@ -58,7 +66,9 @@ void StopPipeline(void* p) { static_cast<metronome::Pipeline*>(p)->RequestStop()
 int LoadAndBuild(const Args& args, bool check_only,
                  std::unique_ptr<metronome::ConfigDoc>* doc_out,
                  std::unique_ptr<metronome::Pipeline>* pipeline_out,
-                 metronome::admin::AdminListener* admin, bool* admin_enabled) {
+                 metronome::admin::AdminListener* admin, bool* admin_enabled,
+                 metronome::supervisor::ProcessPlan* plan_out = nullptr) {
+  const metronome::supervisor::WorkerEnv worker = metronome::supervisor::ReadWorkerEnv();
   auto doc = metronome::ConfigDoc::FromFile(args.config);
   if (!doc.ok()) {
     fprintf(stderr, "metronome: %s\n", std::string(doc.status().message()).c_str());
@@ -83,10 +93,18 @@ int LoadAndBuild(const Args& args, bool check_only,
     }
   }
   if (!args.admin.empty()) (*doc)->raw_root()["admin"]["listen"] = args.admin;
-  // The admin section is the process's, not a stage's: read it first so that the pipeline's
-  // unknown-key check sees it consumed (its errors are reported with the pipeline's).
+  if (worker.is_worker) {
+    // A worker accepts from its supervisor's socket; its admin answers the supervisor only.
+    (*doc)->raw_root()["server"]["listen_fd"] = worker.listen_fd;
+    (*doc)->raw_root()["admin"]["listen"] = "unix:" + worker.admin_socket;
+  }
+  // The supervisor's keys, then the admin section (the process's, not a stage's): read first
+  // so that the pipeline's unknown-key check sees them consumed.
+  metronome::supervisor::ProcessPlan plan = metronome::supervisor::ReadProcessPlan(**doc);
+  if (plan_out != nullptr) *plan_out = plan;
   (void)admin->Configure((*doc)->Root(), admin_enabled);
-  auto pipeline = metronome::Pipeline::Build(**doc, metronome::StageRegistry::Global(), check_only);
+  auto pipeline = metronome::Pipeline::Build(**doc, metronome::StageRegistry::Global(), check_only,
+                                             plan.supervised ? plan.workers : 1);
   if (!pipeline.ok()) {
     fprintf(stderr, "metronome: invalid config:\n%s\n", std::string(pipeline.status().message()).c_str());
     return 1;
@@ -128,12 +146,98 @@ int Check(const Args& args) {
   return 0;
 }
 
-int Serve(const Args& args) {
+// The supervisor: validates the config as a worker would, then runs the workers.
+int Supervise(const Args& args, std::vector<std::string> argv) {
+  std::unique_ptr<metronome::ConfigDoc> doc;
+  std::unique_ptr<metronome::Pipeline> pipeline;
+  metronome::admin::AdminListener admin;
+  bool admin_enabled = false;
+  metronome::supervisor::ProcessPlan plan;
+  if (int rc = LoadAndBuild(args, /*check_only=*/true, &doc, &pipeline, &admin, &admin_enabled, &plan); rc != 0) return rc;
+  metronome::http::HttpConfig http = metronome::http::ReadHttpConfig(doc->Root());
+  metronome::supervisor::Options o;
+  o.workers = plan.workers;
+  o.listen_host = http.listen_host;
+  o.listen_port = http.listen_port;
+  o.backlog = http.backlog;
+  o.drain_timeout_ns = pipeline->options().drain_timeout_ns;
+  o.max_requests = plan.max_requests;
+  o.max_requests_jitter = plan.max_requests_jitter;
+  o.max_rss_bytes = plan.max_rss_bytes;
+  o.replace_stuck = plan.replace_stuck;
+  o.argv = std::move(argv);
+  o.config_path = args.config;
+  LOG_INFO("metronome %s starting on %s: a supervisor and %s worker(s)\n%s", METRONOME_VERSION, args.config.c_str(),
+           plan.workers_reason.c_str(), pipeline->Describe().c_str());
+  metronome::supervisor::WorkerTable table;
+  return metronome::supervisor::Run(o, &table);
+}
+
+// A worker reports its figures to the supervisor (requests for max_requests, RSS for max_rss).
+class WorkerStatus {
+ public:
+  explicit WorkerStatus(const metronome::Pipeline* p) : p_(p), thread_([this] { Loop(); }) {}
+  ~WorkerStatus() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  // Captures parse's requests_total from the stages' figures.
+  class Capture : public metronome::StatsSink {
+   public:
+    void Value(absl::string_view name, double value) override {
+      if (name == "requests_total") requests += value;
+    }
+    void Labeled(absl::string_view, absl::string_view, absl::string_view, double) override {}
+    void Histogram(absl::string_view, const metronome::LatencyHistogram&, absl::string_view,
+                   absl::string_view) override {}
+    double requests = 0;
+  };
+  void Loop() {
+    pthread_setname_np(pthread_self(), "worker-status");
+    std::unique_lock<std::mutex> l(mu_);
+    while (!stop_) {
+      cv_.wait_for(l, std::chrono::nanoseconds(metronome::supervisor::kStatusIntervalNs));
+      Capture c;
+      for (int i = 0; i < p_->num_stages(); ++i) {
+        if (p_->stage_spec(i).type == "parse") p_->stage(i).ExtraStats(c);
+      }
+      long pages = 0, resident = 0;
+      FILE* f = fopen("/proc/self/statm", "r");
+      if (f != nullptr) {
+        if (fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+        fclose(f);
+      }
+      std::string line = absl::StrCat("status requests=", static_cast<int64_t>(c.requests),
+                                      " rss=", static_cast<int64_t>(resident) * sysconf(_SC_PAGESIZE), "\n");
+      metronome::supervisor::TellSupervisor(line.c_str());
+    }
+  }
+  const metronome::Pipeline* p_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+int Serve(const Args& args, std::vector<std::string> argv) {
+  const metronome::supervisor::WorkerEnv worker = metronome::supervisor::ReadWorkerEnv();
+  if (!worker.is_worker) {
+    // server.workers set: this process becomes the supervisor (it never builds a pipeline).
+    auto doc = metronome::ConfigDoc::FromFile(args.config);
+    if (doc.ok() && (*doc)->raw_root()["server"]["workers"].IsDefined()) return Supervise(args, std::move(argv));
+  }
   std::unique_ptr<metronome::ConfigDoc> doc;
   std::unique_ptr<metronome::Pipeline> pipeline;
   metronome::admin::AdminListener admin;
   bool admin_enabled = false;
   if (int rc = LoadAndBuild(args, /*check_only=*/false, &doc, &pipeline, &admin, &admin_enabled); rc != 0) return rc;
+  if (worker.is_worker) metronome::SetProcessEventSink(&metronome::supervisor::TellSupervisor);
   if (admin_enabled) {
     if (absl::Status s = admin.Bind(); !s.ok()) {
       fprintf(stderr, "metronome: %s\n", std::string(s.message()).c_str());
@@ -150,7 +254,15 @@ int Serve(const Args& args) {
   LOG_INFO("metronome %s starting on %s\n%s", METRONOME_VERSION, args.config.c_str(), banner.c_str());
   metronome::InstallStopSignals(StopPipeline, pipeline.get());
   if (admin_enabled) admin.Start(pipeline.get(), doc.get());
-  absl::Status s = pipeline->Run([&] { LOG_INFO("running:\n%s", pipeline->RunningSummary().c_str()); });
+  std::unique_ptr<WorkerStatus> status;
+  absl::Status s = pipeline->Run([&] {
+    LOG_INFO("running:\n%s", pipeline->RunningSummary().c_str());
+    if (worker.is_worker) {
+      metronome::supervisor::TellSupervisor("ready\n");
+      status = std::make_unique<WorkerStatus>(pipeline.get());
+    }
+  });
+  status.reset();
   admin.Stop();
   if (!s.ok()) {
     LOG_ERROR("%s", std::string(s.message()).c_str());
@@ -220,5 +332,5 @@ int main(int argc, char** argv) {
   if (!args.path.empty() && args.app.empty()) return UsageError("--path needs --app");
   if (args.config.empty() && !args.app.empty()) args.config = METRONOME_DEFAULT_CONFIG;
   if (args.config.empty()) return UsageError("missing -c FILE (or --app MODULE:ATTR)");
-  return args.command == "check" ? Check(args) : Serve(args);
+  return args.command == "check" ? Check(args) : Serve(args, std::vector<std::string>(argv, argv + argc));
 }

@@ -7,9 +7,11 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -74,6 +76,11 @@ absl::Status AdminListener::Configure(ConfigNode root, bool* enabled) {
   *enabled = admin.IsDefined();
   if (!*enabled) return absl::OkStatus();
   std::string listen = admin.String("listen", "127.0.0.1:9090");
+  if (listen.rfind("unix:", 0) == 0) {
+    // A worker's admin, for its supervisor only ("unix:@name": an abstract socket).
+    unix_path_ = listen.substr(5);
+    return absl::OkStatus();
+  }
   size_t colon = listen.rfind(':');
   uint32_t port;
   if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) || port > 65535) {
@@ -95,6 +102,21 @@ absl::Status AdminListener::Bind() {
     files_[absl::StrCat("/", name)] = {ContentType(name), ss.str()};
   }
   files_["/"] = files_["/index.html"];
+  if (!unix_path_.empty()) {
+    sockaddr_un un{};
+    un.sun_family = AF_UNIX;
+    if (unix_path_.size() >= sizeof un.sun_path) return absl::InvalidArgumentError("admin.listen: unix path too long");
+    memcpy(un.sun_path, unix_path_.data(), unix_path_.size());
+    if (un.sun_path[0] == '@') un.sun_path[0] = '\0';  // abstract: no file to clean up
+    listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    const socklen_t ulen = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + unix_path_.size());
+    if (listen_fd_ < 0 || bind(listen_fd_, reinterpret_cast<sockaddr*>(&un), ulen) != 0 || listen(listen_fd_, 16) != 0) {
+      return absl::UnavailableError(absl::StrCat("admin: cannot listen on unix:", unix_path_, ": ", std::strerror(errno)));
+    }
+    address_ = absl::StrCat("unix:", unix_path_);
+    wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return absl::OkStatus();
+  }
   sockaddr_storage addr{};
   socklen_t len;
   int family;

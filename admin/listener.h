@@ -46,6 +46,7 @@ class AdminListener {
   std::string host_ = "127.0.0.1";
   uint16_t port_ = 9090;
   std::string address_;
+  std::string unix_path_;  // "unix:PATH" (a worker's, for its supervisor); "@" = abstract
   int listen_fd_ = -1;
   int wake_fd_ = -1;
   std::map<std::string, std::pair<std::string, std::string>> files_;  // path -> (type, body)

@@ -41,8 +41,13 @@ std::string Pipeline::Describe() const {
                             s.type, absl::StrCat("  \"", l.name, "\""), "", "", "(direct call)", "", "", "");
     }
   }
-  absl::StrAppendFormat(&out, "deadline bandwidth: %.3f of %.2f CPUs admitted (%s)\n", bandwidth_,
-                        admission_.cpus, admission_.explanation);
+  if (processes_ > 1) {
+    absl::StrAppendFormat(&out, "deadline bandwidth: %.3f per worker x %d workers = %.3f of %.2f CPUs admitted (%s)\n",
+                          bandwidth_, processes_, bandwidth_ * processes_, admission_.cpus, admission_.explanation);
+  } else {
+    absl::StrAppendFormat(&out, "deadline bandwidth: %.3f of %.2f CPUs admitted (%s)\n", bandwidth_,
+                          admission_.cpus, admission_.explanation);
+  }
   absl::StrAppendFormat(&out, "runtime: require_deadline %s, drain_timeout %s\n",
                         options_.require_deadline ? "true" : "false",
                         FormatDuration(options_.drain_timeout_ns));

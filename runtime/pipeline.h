@@ -90,9 +90,11 @@ class Pipeline {
   ~Pipeline();
   // Reads `runtime:` and `pipeline:`, creates and configures every stage, checks unknown keys,
   // lane grouping and bandwidth. `check_only`: stages must not expect Start.
+  // `processes`: how many copies of this pipeline run on the machine (worker processes): the
+  // deadline bandwidth they ask together must fit the admission limit.
   static absl::StatusOr<std::unique_ptr<Pipeline>> Build(ConfigDoc& doc,
                                                           const StageRegistry& registry,
-                                                          bool check_only);
+                                                          bool check_only, int processes = 1);
 
   // The resolved pipeline as a table, with the deadline bandwidth against the admission limit.
   std::string Describe() const;
@@ -155,7 +157,8 @@ class Pipeline {
   std::unique_ptr<class SharedObjects> shared_;
   RuntimeOptions options_;
   AdmissionLimit admission_;
-  double bandwidth_ = 0;
+  double bandwidth_ = 0;  // one process's
+  int processes_ = 1;
   bool check_only_ = false;
 
   std::atomic<bool> stop_{false};

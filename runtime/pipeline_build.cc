@@ -16,10 +16,11 @@ namespace metronome {
 
 absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Build(ConfigDoc& doc,
                                                            const StageRegistry& registry,
-                                                           bool check_only) {
+                                                           bool check_only, int processes) {
   if (absl::Status s = registry.Validate(); !s.ok()) return s;
   std::unique_ptr<Pipeline> p(new Pipeline());
   p->check_only_ = check_only;
+  p->processes_ = std::max(1, processes);
   p->shared_ = std::make_unique<SharedObjects>();
   ConfigNode root = doc.Root();
   ConfigNode rt = root.Map("runtime");
@@ -179,14 +180,21 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Build(ConfigDoc& doc,
     p->bandwidth_ += bw;
     parts.push_back(absl::StrFormat("%s %.3f", lane.name, bw));
   }
-  if (p->bandwidth_ > p->admission_.cpus + 1e-9) {
+  if (p->bandwidth_ * p->processes_ > p->admission_.cpus + 1e-9) {
     doc.AddErrorAtLine(
         entries.front().line(), "pipeline",
-        absl::StrFormat("deadline bandwidth %.3f CPUs exceeds the %.2f CPUs the kernel admits "
-                        "(%s). Per thread: %s. Lower runtime/period, or put stages on fewer "
-                        "threads (same `thread:`)",
-                        p->bandwidth_, p->admission_.cpus, p->admission_.explanation,
-                        absl::StrJoin(parts, ", ")));
+        p->processes_ == 1
+            ? absl::StrFormat("deadline bandwidth %.3f CPUs exceeds the %.2f CPUs the kernel admits "
+                              "(%s). Per thread: %s. Lower runtime/period, or put stages on fewer "
+                              "threads (same `thread:`)",
+                              p->bandwidth_, p->admission_.cpus, p->admission_.explanation,
+                              absl::StrJoin(parts, ", "))
+            : absl::StrFormat("deadline bandwidth %.3f CPUs per worker x %d workers = %.3f CPUs exceeds the "
+                              "%.2f CPUs the kernel admits for the whole machine (%s). Per thread: %s. Lower "
+                              "runtime/period (each worker's threads need their own), use fewer "
+                              "server.workers, or put stages on fewer threads",
+                              p->bandwidth_, p->processes_, p->bandwidth_ * p->processes_, p->admission_.cpus,
+                              p->admission_.explanation, absl::StrJoin(parts, ", ")));
   }
   if (!doc.status().ok()) return doc.status();
   return p;

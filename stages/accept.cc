@@ -76,7 +76,21 @@ absl::Status AcceptStage::Start(StageEnv& env) {
       "\r\nContent-Type: text/plain\r\nContent-Length: ", kRejectBody.size(),
       "\r\nConnection: close\r\n\r\n", kRejectBody);
 
-  // The listening socket.
+  if (config_.listen_fd >= 0) {
+    // A worker: the supervisor owns the socket and every worker accepts from it.
+    listen_fd_ = config_.listen_fd;
+    fcntl(listen_fd_, F_SETFD, FD_CLOEXEC);
+  } else if (absl::Status s = BindListener(); !s.ok()) {
+    return s;
+  }
+  sockaddr_storage bound{};
+  socklen_t bound_len = sizeof bound;
+  getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &bound_len);
+  bound_address_ = FormatPeer(bound);
+  return SetUpRing();
+}
+
+absl::Status AcceptStage::BindListener() {
   sockaddr_storage addr{};
   socklen_t addr_len;
   int family;
@@ -111,11 +125,10 @@ absl::Status AcceptStage::Start(StageEnv& env) {
   if (listen(listen_fd_, config_.backlog) != 0) {
     return absl::UnavailableError(absl::StrCat("listen: ", std::strerror(errno)));
   }
-  sockaddr_storage bound{};
-  socklen_t bound_len = sizeof bound;
-  getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &bound_len);
-  bound_address_ = FormatPeer(bound);
+  return absl::OkStatus();
+}
 
+absl::Status AcceptStage::SetUpRing() {
   // The receive-buffer ring: page-aligned memory registered as buffer group 0 (liburing 2.3
   // has no io_uring_setup_buf_ring; this is what it would do).
   const uint32_t n = config_.recv_buffers;

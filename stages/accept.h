@@ -34,6 +34,8 @@ class AcceptStage : public Stage {
   void ExtraStats(StatsSink& sink) const override;
 
  private:
+  absl::Status BindListener();
+  absl::Status SetUpRing();
   void ArmAccept();
   void ArmRecv(ConnId id);
   void OnAccept(const io_uring_cqe& cqe);

@@ -36,6 +36,8 @@ HttpConfig ReadHttpConfig(ConfigNode root) {
   }
   c.backlog = static_cast<int>(server.Int("backlog", c.backlog, 1, 65535));
   c.reuse_port = server.Bool("reuse_port", c.reuse_port);
+  // Internal: set by the supervisor for its workers (the socket it owns), never by hand.
+  c.listen_fd = static_cast<int>(server.Int("listen_fd", -1, -1, 1 << 20));
   c.max_connections = static_cast<uint32_t>(server.Int("max_connections", c.max_connections, 1, kConnectionsMax));
   c.max_inflight = static_cast<uint32_t>(server.Int("max_inflight", c.max_inflight, 1, kQueueCapacityMax));
   c.recv_buffers = static_cast<uint32_t>(server.Int("recv_buffers", c.recv_buffers, 1, 32768));

@@ -31,6 +31,7 @@ struct HttpConfig {
   uint16_t listen_port = 8080;
   int backlog = 4096;
   bool reuse_port = false;
+  int listen_fd = -1;                  // a listening socket inherited from the supervisor (-1: bind)
   uint32_t max_connections = 10000;
   uint32_t max_inflight = 2048;        // request slots: requests parsed but not yet answered
   uint32_t recv_buffers = 2048;        // receive-ring buffers (a power of two)

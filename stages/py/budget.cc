@@ -10,6 +10,7 @@
 
 #include "runtime/log.h"
 #include "runtime/clock.h"
+#include "runtime/process_events.h"
 #include "runtime/units.h"
 
 namespace metronome::py {
@@ -305,6 +306,7 @@ void Watchdog::Loop() {
       if (!l.stuck_reported.load(std::memory_order_relaxed) && now >= hard_at && l.seq.load() == seq) {
         l.stuck_reported.store(true, std::memory_order_relaxed);
         stuck_handlers.Add();
+        ReportProcessEvent("stuck\n");  // a supervisor may replace this worker (hard_action)
         LOG_ERROR("budget: %s has run for %.3fs, past the %s hard limit, and cannot be interrupted "
                   "(it is in C code that does not check for signals); Python work on its thread waits, "
                   "native routes keep answering", l.label, static_cast<double>(now - l.start_ns.load()) / 1e9,
