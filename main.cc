@@ -15,6 +15,7 @@
 #include "admin/listener.h"
 #include "runtime/process_events.h"
 #include "stages/http/shared.h"
+#include "supervisor/admin_source.h"
 #include "supervisor/plan.h"
 #include "supervisor/supervisor.h"
 #include "runtime/config.h"
@@ -160,6 +161,7 @@ int Supervise(const Args& args, std::vector<std::string> argv) {
   o.listen_host = http.listen_host;
   o.listen_port = http.listen_port;
   o.backlog = http.backlog;
+  o.reuse_port = plan.reuse_port;
   o.drain_timeout_ns = pipeline->options().drain_timeout_ns;
   o.max_requests = plan.max_requests;
   o.max_requests_jitter = plan.max_requests_jitter;
@@ -170,7 +172,18 @@ int Supervise(const Args& args, std::vector<std::string> argv) {
   LOG_INFO("metronome %s starting on %s: a supervisor and %s worker(s)\n%s", METRONOME_VERSION, args.config.c_str(),
            plan.workers_reason.c_str(), pipeline->Describe().c_str());
   metronome::supervisor::WorkerTable table;
-  return metronome::supervisor::Run(o, &table);
+  // The supervisor's admin: every worker's figures, /healthz and /readyz.
+  metronome::supervisor::WorkersSource source(&table);
+  if (admin_enabled) {
+    if (absl::Status s = admin.Bind(); !s.ok()) {
+      fprintf(stderr, "metronome: %s\n", std::string(s.message()).c_str());
+      return 1;
+    }
+    admin.Start(&source);
+  }
+  int rc = metronome::supervisor::Run(o, &table);
+  admin.Stop();
+  return rc;
 }
 
 // A worker reports its figures to the supervisor (requests for max_requests, RSS for max_rss).

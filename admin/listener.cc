@@ -169,6 +169,12 @@ void AdminListener::Start(const Pipeline* pipeline, const ConfigDoc* doc) {
   LOG_INFO("admin listening on http://%s (/, /metrics, /stats)", address_.c_str());
 }
 
+void AdminListener::Start(Source* source) {
+  source_ = source;
+  thread_ = std::thread([this] { Loop(); });
+  LOG_INFO("admin listening on http://%s (/, /metrics, /stats, /healthz, /readyz)", address_.c_str());
+}
+
 void AdminListener::Stop() {
   if (!thread_.joinable()) return;
   stop_.store(true);
@@ -183,6 +189,15 @@ std::string AdminListener::Respond(absl::string_view method, absl::string_view p
   if (method != "GET" && !head) {
     *close = true;
     return Response(405, "Method Not Allowed", "text/plain", "GET only\n", false, head);
+  }
+  if (path == "/readyz") {
+    const bool ready = source_ != nullptr ? source_->Ready() : pipeline_->running() && !pipeline_->stop_requested();
+    return ready ? Response(200, "OK", "text/plain", "ready\n", keep_alive, head)
+                 : Response(503, "Service Unavailable", "text/plain", "not ready (starting or draining)\n", keep_alive, head);
+  }
+  if (source_ != nullptr && (path == "/metrics" || path == "/stats")) {
+    if (path == "/metrics") return Response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", source_->Metrics(), keep_alive, head);
+    return Response(200, "OK", "application/json", source_->Stats(), keep_alive, head);
   }
   if (path == "/metrics" || path == "/stats") {
     if (!pipeline_->running()) return Response(503, "Service Unavailable", "text/plain", "starting\n", keep_alive, head);

@@ -56,6 +56,7 @@ ProcessPlan ReadProcessPlan(ConfigDoc& doc) {
       plan.workers_reason = absl::StrCat(plan.workers);
     }
   }
+  plan.reuse_port = server.Enum("balance", "reuseport", {"reuseport", "shared"}) == "reuseport";
   plan.max_requests = server.Int("max_requests", 0, 0, int64_t{1} << 40);
   plan.max_requests_jitter = server.Int("max_requests_jitter", 0, 0, int64_t{1} << 40);
   plan.max_rss_bytes = static_cast<int64_t>(server.SizeBytes("max_rss", 0, 0, uint64_t{1} << 44));

@@ -20,6 +20,7 @@ struct ProcessPlan {
   int64_t max_requests_jitter = 0;
   int64_t max_rss_bytes = 0;
   bool replace_stuck = false;
+  bool reuse_port = true;  // server.balance
 };
 
 // Reads the keys (errors go into the document, like every other key).

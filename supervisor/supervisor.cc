@@ -132,7 +132,22 @@ class Supervisor {
     int64_t backoff_ns = 0;
   };
 
+  // One socket per worker slot with SO_REUSEPORT (the kernel spreads new connections over
+  // them by hash; a replacement or a reload's new worker takes over its slot's socket, so no
+  // queued connection is lost), or one socket every worker accepts from (server.balance).
   bool Listen() {
+    const int count = o_.reuse_port ? o_.workers : 1;
+    for (int i = 0; i < count; ++i) {
+      int fd = ListenOne(o_.reuse_port);
+      if (fd < 0) return false;
+      listen_fds_.push_back(fd);
+    }
+    // The same line a single server prints: tools and tests find the port in it.
+    LOG_INFO("listening on http://%s:%u", o_.listen_host.c_str(), o_.listen_port);
+    return true;
+  }
+
+  int ListenOne(bool reuse_port) {
     sockaddr_storage addr{};
     socklen_t len;
     int family;
@@ -145,29 +160,29 @@ class Supervisor {
       auto* a = reinterpret_cast<sockaddr_in*>(&addr);
       if (inet_pton(AF_INET, o_.listen_host.c_str(), &a->sin_addr) != 1) {
         LOG_ERROR("server.listen: '%s' is not an IPv4 or IPv6 address", o_.listen_host.c_str());
-        return false;
+        return -1;
       }
       a->sin_family = family = AF_INET;
       a->sin_port = htons(o_.listen_port);
       len = sizeof *a;
     }
-    listen_fd_ = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
-    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (listen_fd_ < 0 || bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
-        listen(listen_fd_, o_.backlog) != 0) {
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (reuse_port) setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+    if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0 || listen(fd, o_.backlog) != 0) {
       LOG_ERROR("cannot listen on %s:%u: %s%s", o_.listen_host.c_str(), o_.listen_port, std::strerror(errno),
                 errno == EADDRINUSE ? " (another process has the port: stop it or pick another with --listen)" : "");
-      return false;
+      if (fd >= 0) close(fd);
+      return -1;
     }
+    // Port 0: the first socket picks the port, the others join it.
     sockaddr_storage bound{};
     socklen_t blen = sizeof bound;
-    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &blen);
+    getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &blen);
     if (bound.ss_family == AF_INET) o_.listen_port = ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
     if (bound.ss_family == AF_INET6) o_.listen_port = ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
-    // The same line a single server prints: tools and tests find the port in it.
-    LOG_INFO("listening on http://%s:%u", o_.listen_host.c_str(), o_.listen_port);
-    return true;
+    return fd;
   }
 
   void Spawn(int slot, int generation) {
@@ -186,7 +201,8 @@ class Supervisor {
     env_strings.push_back(absl::StrCat("METRONOME_WORKER_INDEX=", slot));
     env_strings.push_back(absl::StrCat("METRONOME_WORKER_GENERATION=", generation));
     env_strings.push_back(absl::StrCat("METRONOME_WORKER_COUNT=", o_.workers));
-    env_strings.push_back(absl::StrCat("METRONOME_WORKER_LISTEN_FD=", listen_fd_));
+    const int listen_fd = listen_fds_[o_.reuse_port ? static_cast<size_t>(slot) : 0];
+    env_strings.push_back(absl::StrCat("METRONOME_WORKER_LISTEN_FD=", listen_fd));
     env_strings.push_back(absl::StrCat("METRONOME_WORKER_CONTROL_FD=", ctl[1]));
     env_strings.push_back(absl::StrCat("METRONOME_WORKER_ADMIN=@metronome-", parent, "-", slot, "-", generation));
     std::vector<char*> envp;
@@ -196,7 +212,7 @@ class Supervisor {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    const int listen_fd = listen_fd_, control_fd = ctl[1];
+    const int control_fd = ctl[1];
     // The binary's own path (not /proc/self/exe, which would name every worker thread "exe").
     char exe[4096];
     ssize_t exe_len = readlink("/proc/self/exe", exe, sizeof exe - 1);
@@ -555,7 +571,7 @@ class Supervisor {
   Options o_;
   WorkerTable* table_;
   std::mt19937 rng_;
-  int listen_fd_ = -1;
+  std::vector<int> listen_fds_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::vector<SlotState> slots_;
   std::deque<int64_t> deaths_;

@@ -52,6 +52,7 @@ struct Options {
   std::string listen_host;
   uint16_t listen_port = 0;
   int backlog = 4096;
+  bool reuse_port = true;           // server.balance: reuseport (a socket per slot) or shared
   int64_t drain_timeout_ns = 5'000'000'000;
   int64_t max_requests = 0;         // 0: never recycle by count
   int64_t max_requests_jitter = 0;  // each worker's limit is max_requests + [0, jitter)
