@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "runtime/pipeline.h"
 #include "runtime/registry.h"
 #include "runtime/signals.h"
+#include "runtime/units.h"
 #include "runtime/uring.h"
 
 namespace {
@@ -21,19 +23,28 @@ constexpr char kUsage[] =
     "usage:\n"
     "  metronome serve -c FILE [--listen HOST:PORT] [--admin HOST:PORT]\n"
     "                                                 run the server on a config\n"
-    "  metronome check -c FILE                        validate a config and print the pipeline\n"
+    "  metronome check -c FILE [--timeout DURATION]  validate a config and print the pipeline\n"
     "  metronome --version\n"
     "  metronome --help\n"
     "\n"
     "FILE is YAML; see configs/default.yaml for every key. --listen overrides server.listen,\n"
     "--admin overrides admin.listen (and turns the admin listener on). Port 0 picks a free port.\n"
+    "check also loads the app as serve would (in a child process, without running its startup\n"
+    "hooks) and reports what serve would refuse; --timeout (default 30s) bounds that load.\n"
     "SIGINT/SIGTERM drain in-flight work and exit 0; a second signal exits at once.\n";
+
+// How long `check` waits for the stages to load (the app's import, above all) before it stops
+// the child process and reports where it hung. Imports of large apps take seconds, not tens.
+constexpr int64_t kCheckTimeoutDefaultNs = 30 * metronome::kNanosPerSecond;
+constexpr int64_t kCheckTimeoutMaxNs = 3600 * metronome::kNanosPerSecond;
 
 struct Args {
   std::string command;
   std::string config;
   std::string listen;
   std::string admin;
+  int64_t timeout_ns = kCheckTimeoutDefaultNs;
+  bool timeout_given = false;
 };
 
 int UsageError(const std::string& message) {
@@ -80,7 +91,16 @@ int Check(const Args& args) {
   metronome::admin::AdminListener admin;
   bool admin_enabled = false;
   if (int rc = LoadAndBuild(args, /*check_only=*/true, &doc, &pipeline, &admin, &admin_enabled); rc != 0) return rc;
+  // What serve would refuse at start-up, past the config: the app, its routes, the router.
+  metronome::Pipeline::CheckReport deep = pipeline->CheckDeep(args.timeout_ns);
+  if (!deep.errors.empty()) {
+    fprintf(stderr, "metronome: %s: the server would not start:\n", args.config.c_str());
+    for (const std::string& e : deep.errors) fprintf(stderr, "%s\n", e.c_str());
+    if (deep.timed_out) fprintf(stderr, "(give check more time with --timeout DURATION)\n");
+    return 1;
+  }
   printf("%s: valid\n%s", args.config.c_str(), pipeline->Describe().c_str());
+  for (const std::string& note : deep.notes) printf("%s\n", note.c_str());
   printf("admin: %s\n", admin_enabled ? "enabled" : "off (no admin: section)");
   if (AnyRing(*pipeline)) {
     absl::Status probe = metronome::ProbeIoUring();
@@ -147,6 +167,14 @@ int main(int argc, char** argv) {
       args.config = av[++i];
     } else if (a == "--listen" && i + 1 < av.size()) {
       args.listen = av[++i];
+    } else if ((a == "--timeout" && i + 1 < av.size()) || a.rfind("--timeout=", 0) == 0) {
+      std::string value = a == "--timeout" ? av[++i] : a.substr(10);
+      std::optional<int64_t> ns = metronome::ParseDurationNs(value);
+      if (!ns || *ns <= 0 || *ns > kCheckTimeoutMaxNs) {
+        return UsageError(absl::StrCat("--timeout: expected a duration like 30s (at most 1h), got '", value, "'"));
+      }
+      args.timeout_ns = *ns;
+      args.timeout_given = true;
     } else if (a == "--admin" && i + 1 < av.size()) {
       args.admin = av[++i];
     } else if (a.rfind("--admin=", 0) == 0) {
@@ -166,5 +194,6 @@ int main(int argc, char** argv) {
                                            : absl::StrCat("unknown command '", args.command, "'"));
   }
   if (args.config.empty()) return UsageError("missing -c FILE");
+  if (args.timeout_given && args.command != "check") return UsageError("--timeout applies to check only");
   return args.command == "check" ? Check(args) : Serve(args);
 }

@@ -4,8 +4,11 @@
 // initialises the interpreter (with the allocator wrappers of the memory budget installed
 // first), imports `python.app` ("module:attribute"), takes the app's routes into the shared
 // route table (the route stage builds its router from it), starts the budget watchdog and runs
-// the app's startup hooks. A module that fails to import, a missing attribute or a failing hook
-// stops the server before it serves anything, with the traceback.
+// the app's startup hooks. A module that fails to import, a missing attribute, a handler that
+// cannot take its route's path parameters or a failing hook stops the server before it serves
+// anything, with the traceback or the handler's file:line, and the config's line.
+// `metronome check` loads the app with the same code (CheckDeep -> LoadApp), in a child process,
+// without running the hooks or starting the watchdog.
 //
 // More python stages may follow, each on its own thread (a lane), sharing the GIL: with
 // `serves: heavy` one takes the routes marked heavy, so that a long handler there leaves the
@@ -24,6 +27,7 @@
 #include <malloc.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
 #include "runtime/clock.h"
@@ -92,6 +96,7 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
 
   ConfigNode py = root.Map("python");
   app_spec_ = py.String("app", std::nullopt);
+  app_where_ = py.Where("app");
   if (!app_spec_.empty() && app_spec_.find(':') == std::string::npos) {
     py.Error("app", "expected \"package.module:attribute\", e.g. \"examples.app:app\"");
   }
@@ -109,7 +114,7 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
     ov.cpu_ns = o.DurationNs("cpu", 0, 0, 3600 * kNanosPerSecond);
     ov.memory_bytes = static_cast<int64_t>(o.SizeBytes("memory", 0, 0, 1ull << 40));
     ov.heavy = o.Has("heavy") ? (o.Bool("heavy", false) ? 1 : 0) : -1;
-    ov.line = o.line();
+    ov.where = o.Where("path");
     overrides_.push_back(ov);
   }
   if (main_ && serves != "all" && serves != "light") {
@@ -121,7 +126,7 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
 absl::Status PythonStage::Start(StageEnv& env) {
   (void)env;
   shared_->Setup(http_config_);
-  if (main_) return StartMain();
+  if (main_) return StartMain(env);
   if (!python_->interpreter_ready) return absl::FailedPreconditionError("the main python stage did not start");
   PyGILState_Ensure();  // this thread's state, kept for the whole run
   watch_ = GlobalWatchdog().Register(false);
@@ -129,27 +134,15 @@ absl::Status PythonStage::Start(StageEnv& env) {
   return absl::OkStatus();
 }
 
-absl::Status PythonStage::StartMain() {
-  InterpreterOptions options;
-  options.path = path_;
-  // The memory budget needs its allocators in place before the interpreter allocates.
-  if (python_->memory_budget_bytes > 0) options.before_init = &InstallAllocatorWrappers;
-  if (absl::Status s = Initialize(options); !s.ok()) return s;
-  python_->interpreter_ready = true;
+absl::Status PythonStage::StartMain(StageEnv& env) {
+  if (absl::Status s = InitializeInterpreter(); !s.ok()) return s;
   absl::Status result = [&]() -> absl::Status {
     PyObject* sys = PyImport_ImportModule("sys");
     PyObject* r = sys ? PyObject_CallMethod(sys, "setswitchinterval", "d", static_cast<double>(switch_interval_ns_) / 1e9) : nullptr;
     Py_XDECREF(r);
     Py_XDECREF(sys);
     if (r == nullptr) return absl::InternalError(absl::StrCat("sys.setswitchinterval: ", FetchExceptionLine()));
-    // Importing the app imports the metronome package, which registers its helpers.
-    if (absl::Status s = ImportObject(app_spec_, &app_); !s.ok()) {
-      return absl::FailedPreconditionError(absl::StrCat("python.app: ", s.message()));
-    }
-    if (GetHelpers().response == nullptr) {
-      return absl::FailedPreconditionError("the app did not import the metronome package (import metronome)");
-    }
-    if (absl::Status s = LoadRoutes(); !s.ok()) return s;
+    if (absl::Status s = LoadApp(env); !s.ok()) return s;
     if (absl::Status s = CallHook(app_, "startup"); !s.ok()) return s;
     int64_t smallest = python_->cpu_budget_ns > 0 ? python_->cpu_budget_ns : Watchdog::kIdleLookMaxNs * 2;
     for (const http::RouteTarget& t : routes_->targets) {
@@ -173,34 +166,111 @@ absl::Status PythonStage::StartMain() {
   return absl::OkStatus();
 }
 
+// Returns holding the GIL when it succeeded.
+absl::Status PythonStage::InitializeInterpreter() {
+  InterpreterOptions options;
+  options.path = path_;
+  // The memory budget needs its allocators in place before the interpreter allocates.
+  if (python_->memory_budget_bytes > 0) options.before_init = &InstallAllocatorWrappers;
+  if (absl::Status s = Initialize(options); !s.ok()) return s;
+  python_->interpreter_ready = true;
+  return absl::OkStatus();
+}
+
+// What serve's start-up and `metronome check` both load: the app and its routes (into the
+// shared route table). REQUIRES the GIL. Runs no hook and starts nothing.
+absl::Status PythonStage::LoadApp(StageEnv& env) {
+  env.CheckStep(absl::StrCat("importing python.app \"", app_spec_, "\" (", app_where_, ")"));
+  // Importing the app imports the metronome package, which registers its helpers.
+  if (absl::Status s = ImportObject(app_spec_, &app_); !s.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(app_where_, ": ", s.message()));
+  }
+  if (GetHelpers().response == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(app_where_, ": the app did not import the metronome package (import metronome)"));
+  }
+  env.CheckStep(absl::StrCat("loading the routes of python.app \"", app_spec_, "\" (", app_where_, ")"));
+  return LoadRoutes();
+}
+
+absl::StatusOr<std::string> PythonStage::CheckDeep(StageEnv& env) {
+  if (!main_) return std::string();  // the other lanes only take a thread state in Start
+  if (absl::Status s = InitializeInterpreter(); !s.ok()) return s;
+  // The GIL stays held: the check's child process ends with _exit after the last stage.
+  if (absl::Status s = LoadApp(env); !s.ok()) return s;
+  const size_t n = python_->handlers.size();
+  return absl::StrCat(app_spec_, " imported, ", n, n == 1 ? " route" : " routes",
+                      ", every handler takes its path parameters; startup hooks were not run");
+}
+
 // The app's routes into the shared route table, with their budgets (decorator options, then
-// python.routes overrides from the config).
+// python.routes overrides from the config). Each handler must be callable as the server calls
+// it, handler(req, **path_params): one that is not would fail every request, so it stops the
+// start instead (every such route is listed). Every route is loaded even then, so that check's
+// Connect still finds duplicates among them.
 absl::Status PythonStage::LoadRoutes() {
   PyObject* list = PyObject_CallMethod(app_, "routes", nullptr);
   if (list == nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("python.app '", app_spec_, "' is not a metronome.App: routes() failed:\n", FetchTraceback()));
+    return absl::FailedPreconditionError(absl::StrCat(app_where_, ": '", app_spec_,
+                                                      "' is not a metronome.App: routes() failed:\n", FetchTraceback()));
   }
   PyObject* seq = PySequence_Fast(list, "app.routes() must return a list");
   Py_DECREF(list);
-  if (seq == nullptr) return absl::FailedPreconditionError(FetchExceptionLine());
+  if (seq == nullptr) return absl::FailedPreconditionError(absl::StrCat(app_where_, ": ", FetchExceptionLine()));
+  PyObject* app_module = PyImport_ImportModule("metronome._app");
+  PyObject* describe = app_module ? PyObject_GetAttrString(app_module, "_describe_route") : nullptr;
+  Py_XDECREF(app_module);
+  if (describe == nullptr) {
+    Py_DECREF(seq);
+    return absl::InternalError(absl::StrCat("metronome._app._describe_route: ", FetchExceptionLine()));
+  }
+  std::vector<std::string> errors;
   std::vector<bool> override_used(overrides_.size(), false);
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
     PyObject* t = PySequence_Fast_GET_ITEM(seq, i);
     const char *method, *pattern;
     PyObject *callable, *options;
     if (!PyArg_ParseTuple(t, "ssOO", &method, &pattern, &callable, &options)) {
-      Py_DECREF(seq);
-      return absl::FailedPreconditionError(absl::StrCat("app.routes() entry ", i, ": ", FetchExceptionLine()));
+      errors.push_back(absl::StrCat(app_where_, ": app.routes() entry ", i, ": ", FetchExceptionLine()));
+      continue;
     }
     http::RouteTarget target;
     target.kind = http::RouteTarget::Kind::kPython;
     target.pattern = pattern;
     target.method = http::MethodFromName(method);
-    if (target.method == http::Method::kOther) {
-      Py_DECREF(seq);
-      return absl::FailedPreconditionError(absl::StrCat("route ", pattern, ": unknown method '", method, "'"));
+    target.declared_at = app_where_;
+    // Parameter names, in pattern order, for the vectorcall's keyword names.
+    std::vector<std::string> names = http::Router::ParamNames(target.pattern);
+    PyObject* kwnames = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+    for (size_t k = 0; kwnames != nullptr && k < names.size(); ++k) {
+      PyTuple_SET_ITEM(kwnames, static_cast<Py_ssize_t>(k), PyUnicode_InternFromString(names[k].c_str()));
     }
+    PyObject* described = kwnames ? PyObject_CallFunctionObjArgs(describe, callable, kwnames, nullptr) : nullptr;
+    const char* label = nullptr;
+    PyObject* problem = nullptr;
+    if (described == nullptr || !PyArg_ParseTuple(described, "sO", &label, &problem)) {
+      errors.push_back(absl::StrCat(app_where_, ": route ", method, " ", pattern, ": cannot describe its handler: ",
+                                    FetchExceptionLine()));
+      Py_XDECREF(described);
+      Py_XDECREF(kwnames);
+      continue;
+    }
+    target.function = label;
+    const std::string route = absl::StrCat(method, " ", pattern);
+    http::Router pattern_check;  // a malformed pattern is reported with its function, here
+    if (target.method == http::Method::kOther) {
+      errors.push_back(absl::StrCat(app_where_, ": ", target.function, ": route ", route, ": unknown method '", method, "'"));
+    } else if (absl::Status ps = pattern_check.Add(target.pattern, target.method, 0); !ps.ok()) {
+      errors.push_back(absl::StrCat(app_where_, ": ", target.function, ": ", ps.message()));
+    } else if (problem != Py_None) {
+      PyObject* text = PyObject_Str(problem);
+      errors.push_back(absl::StrCat(app_where_, ": ", target.function, ": route ", route,
+                                    ": the handler cannot take the route's path parameters: ",
+                                    text && PyUnicode_Check(text) ? PyUnicode_AsUTF8(text) : "?"));
+      Py_XDECREF(text);
+      PyErr_Clear();
+    }
+    Py_DECREF(described);
     target.cpu_budget_ns = OptionNs(options, "cpu_budget");
     target.memory_budget_bytes = static_cast<uint64_t>(OptionInt(options, "memory_budget"));
     PyObject* heavy = PyDict_Check(options) ? PyDict_GetItemString(options, "heavy") : nullptr;
@@ -217,27 +287,25 @@ absl::Status PythonStage::LoadRoutes() {
     PythonShared::Handler h;
     Py_INCREF(callable);
     h.callable = callable;
-    // Parameter names, in pattern order, for the vectorcall's keyword names.
-    std::vector<std::string> names = http::Router::ParamNames(target.pattern);
-    if (!names.empty()) {
-      h.kwnames = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
-      for (size_t k = 0; k < names.size(); ++k) {
-        PyTuple_SET_ITEM(h.kwnames, static_cast<Py_ssize_t>(k), PyUnicode_InternFromString(names[k].c_str()));
-      }
+    if (names.empty()) {
+      Py_DECREF(kwnames);
+    } else {
+      h.kwnames = kwnames;
     }
     h.stats = std::make_unique<RouteStats>();
-    h.stats->label = absl::StrCat(method, " ", pattern);
+    h.stats->label = route;
     python_->handlers.push_back(std::move(h));
     routes_->targets.push_back(std::move(target));
   }
   Py_DECREF(seq);
+  Py_DECREF(describe);
   for (size_t k = 0; k < overrides_.size(); ++k) {
     if (!override_used[k]) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "python.routes entry at line ", overrides_[k].line, ": no route of the app has path '",
-          overrides_[k].path, "'", overrides_[k].method.empty() ? "" : absl::StrCat(" and method ", overrides_[k].method)));
+      errors.push_back(absl::StrCat(overrides_[k].where, ": no route of the app has path '", overrides_[k].path, "'",
+                                    overrides_[k].method.empty() ? "" : absl::StrCat(" and method ", overrides_[k].method)));
     }
   }
+  if (!errors.empty()) return absl::FailedPreconditionError(absl::StrJoin(errors, "\n"));
   return absl::OkStatus();
 }
 

@@ -56,13 +56,16 @@ class PythonStage : public Stage {
  public:
   absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
   absl::Status Start(StageEnv& env) override;
+  absl::StatusOr<std::string> CheckDeep(StageEnv& env) override;
   void Process(std::span<Item* const> batch, Outbox& out) override;
   void Shutdown() override;
   bool NeedsMainThread() const override { return main_; }
   void ExtraStats(StatsSink& sink) const override;
 
  private:
-  absl::Status StartMain();
+  absl::Status StartMain(StageEnv& env);
+  absl::Status InitializeInterpreter();
+  absl::Status LoadApp(StageEnv& env);
   absl::Status LoadRoutes();
   void Handle(http::Request* r);
   void CallOnResponse(http::Request* r, PyObject* req_obj);
@@ -73,7 +76,7 @@ class PythonStage : public Stage {
     std::string path, method;
     int64_t cpu_ns = 0, memory_bytes = 0;
     int heavy = -1;  // -1: unchanged
-    int line = 0;
+    std::string where;  // "file:line: python.routes[i].path"
   };
 
   bool main_ = false;
@@ -82,6 +85,7 @@ class PythonStage : public Stage {
   int watch_ = -1;         // index in the watchdog
   int serialize_ = -1;
   std::string app_spec_;
+  std::string app_where_;  // "file:line: python.app", for every error about the app
   std::vector<std::string> path_;
   int64_t switch_interval_ns_ = 0;
   Watchdog::Options watchdog_options_;
