@@ -106,6 +106,12 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
   python_->cpu_budget_ns = budget.DurationNs("cpu", 50 * kNanosPerMilli, 0, 3600 * kNanosPerSecond);
   python_->memory_budget_bytes = static_cast<int64_t>(budget.SizeBytes("memory", 64ull << 20, 0, 1ull << 40));
   watchdog_options_.hard_ns = budget.DurationNs("hard", kNanosPerSecond, kNanosPerMilli, 3600 * kNanosPerSecond);
+  if (watchdog_options_.hard_ns <= switch_interval_ns_) {
+    // Off the main lane an interrupt waits for the GIL, up to a switch interval: a hard limit
+    // that short would call a handler stuck while its interrupt is on the way.
+    budget.Error("hard", absl::StrCat("must be longer than python.switch_interval (",
+                                      FormatDuration(switch_interval_ns_), ")"));
+  }
   watchdog_options_.rss_limit_bytes = static_cast<int64_t>(budget.SizeBytes("rss_limit", 0, 0, 1ull << 44));
   for (ConfigNode o : py.Seq("routes")) {
     RouteOverride ov;
