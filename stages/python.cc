@@ -130,7 +130,6 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
 }
 
 absl::Status PythonStage::Start(StageEnv& env) {
-  (void)env;
   shared_->Setup(http_config_);
   if (main_) return StartMain(env);
   if (!python_->interpreter_ready) return absl::FailedPreconditionError("the main python stage did not start");
