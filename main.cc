@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "yaml-cpp/yaml.h"
 #include "admin/listener.h"
 #include "runtime/config.h"
 #include "runtime/log.h"
@@ -23,6 +24,10 @@ constexpr char kUsage[] =
     "usage:\n"
     "  metronome serve -c FILE [--listen HOST:PORT] [--admin HOST:PORT]\n"
     "                                                 run the server on a config\n"
+    "  metronome serve --app MODULE:ATTR [--interface auto|metronome|wsgi|asgi] [--path DIR]\n"
+    "                  [--listen HOST:PORT] [-c FILE]\n"
+    "                                                 run an app (Flask, Django, FastAPI, ...) on\n"
+    "                                                 the default config's pipeline\n"
     "  metronome check -c FILE [--timeout DURATION]\n"
     "                                                 validate a config, load its app, print the pipeline\n"
     "  metronome --version\n"
@@ -30,6 +35,9 @@ constexpr char kUsage[] =
     "\n"
     "FILE is YAML; see configs/default.yaml for every key. --listen overrides server.listen,\n"
     "--admin overrides admin.listen (and turns the admin listener on). Port 0 picks a free port.\n"
+    "--app overrides python.app and --interface python.interface; --path DIR puts DIR first on\n"
+    "python.path (default with --app and no -c: the working directory). Without -c, --app uses\n"
+    "the default config (" METRONOME_DEFAULT_CONFIG "), without its example routes.\n"
     "check also loads the app as serve would (in a child process, without running its startup\n"
     "hooks) and reports what serve would refuse; --timeout (default 30s) bounds that load.\n"
     "SIGINT/SIGTERM drain in-flight work and exit 0; a second signal exits at once.\n";
@@ -44,6 +52,10 @@ struct Args {
   std::string config;
   std::string listen;
   std::string admin;
+  std::string app;        // --app: python.app
+  std::string interface;  // --interface: python.interface
+  std::string path;       // --path: first on python.path
+  bool config_given = false;
   int64_t timeout_ns = kCheckTimeoutDefaultNs;
   bool timeout_given = false;
 };
@@ -65,6 +77,23 @@ int LoadAndBuild(const Args& args, bool check_only,
     return 1;
   }
   if (!args.listen.empty()) (*doc)->raw_root()["server"]["listen"] = args.listen;
+  if (!args.app.empty()) {
+    YAML::Node root = (*doc)->raw_root();
+    root["python"]["app"] = args.app;
+    if (!args.interface.empty()) root["python"]["interface"] = args.interface;
+    if (!args.config_given) {
+      // The default config's routes and python.path belong to its example app.
+      root.remove("routes");
+      YAML::Node path(YAML::NodeType::Sequence);
+      path.push_back(args.path.empty() ? std::string(".") : args.path);
+      root["python"]["path"] = path;
+    } else if (!args.path.empty()) {
+      YAML::Node path(YAML::NodeType::Sequence);
+      path.push_back(args.path);
+      for (const auto& p : root["python"]["path"]) path.push_back(p.as<std::string>());
+      root["python"]["path"] = path;
+    }
+  }
   if (!args.admin.empty()) (*doc)->raw_root()["admin"]["listen"] = args.admin;
   // The admin section is the process's, not a stage's: read it first so that the pipeline's
   // unknown-key check sees it consumed (its errors are reported with the pipeline's).
@@ -86,6 +115,15 @@ bool AnyRing(metronome::Pipeline& p) {
   return false;
 }
 
+// The io_uring opcodes the configured stages submit.
+std::vector<metronome::RingOp> RingOps(metronome::Pipeline& p) {
+  std::vector<metronome::RingOp> ops;
+  for (int i = 0; i < p.num_stages(); ++i) {
+    for (const metronome::RingOp& op : p.stage(i).RingOps()) ops.push_back(op);
+  }
+  return ops;
+}
+
 int Check(const Args& args) {
   std::unique_ptr<metronome::ConfigDoc> doc;
   std::unique_ptr<metronome::Pipeline> pipeline;
@@ -104,7 +142,7 @@ int Check(const Args& args) {
   for (const std::string& note : deep.notes) printf("%s\n", note.c_str());
   printf("admin: %s\n", admin_enabled ? "enabled" : "off (no admin: section)");
   if (AnyRing(*pipeline)) {
-    absl::Status probe = metronome::ProbeIoUring();
+    absl::Status probe = metronome::ProbeIoUring(RingOps(*pipeline));
     printf("io_uring: %s\n", probe.ok() ? "ok" : std::string(probe.message()).c_str());
     if (!probe.ok()) return 1;
   }
@@ -124,7 +162,7 @@ int Serve(const Args& args) {
     }
   }
   if (AnyRing(*pipeline)) {
-    if (absl::Status probe = metronome::ProbeIoUring(); !probe.ok()) {
+    if (absl::Status probe = metronome::ProbeIoUring(RingOps(*pipeline)); !probe.ok()) {
       fprintf(stderr, "metronome: %s\n", std::string(probe.message()).c_str());
       return 1;
     }
@@ -168,6 +206,18 @@ int main(int argc, char** argv) {
       args.config = av[++i];
     } else if (a == "--listen" && i + 1 < av.size()) {
       args.listen = av[++i];
+    } else if (a == "--app" && i + 1 < av.size()) {
+      args.app = av[++i];
+    } else if (a.rfind("--app=", 0) == 0) {
+      args.app = a.substr(6);
+    } else if (a == "--interface" && i + 1 < av.size()) {
+      args.interface = av[++i];
+    } else if (a.rfind("--interface=", 0) == 0) {
+      args.interface = a.substr(12);
+    } else if (a == "--path" && i + 1 < av.size()) {
+      args.path = av[++i];
+    } else if (a.rfind("--path=", 0) == 0) {
+      args.path = a.substr(7);
     } else if ((a == "--timeout" && i + 1 < av.size()) || a.rfind("--timeout=", 0) == 0) {
       std::string value = a == "--timeout" ? av[++i] : a.substr(10);
       std::optional<int64_t> ns = metronome::ParseDurationNs(value);
@@ -194,7 +244,11 @@ int main(int argc, char** argv) {
     return UsageError(args.command.empty() ? "missing command"
                                            : absl::StrCat("unknown command '", args.command, "'"));
   }
-  if (args.config.empty()) return UsageError("missing -c FILE");
+  args.config_given = !args.config.empty();
+  if (!args.interface.empty() && args.app.empty()) return UsageError("--interface needs --app");
+  if (!args.path.empty() && args.app.empty()) return UsageError("--path needs --app");
+  if (args.config.empty() && !args.app.empty()) args.config = METRONOME_DEFAULT_CONFIG;
+  if (args.config.empty()) return UsageError("missing -c FILE (or --app MODULE:ATTR)");
   if (args.timeout_given && args.command != "check") return UsageError("--timeout applies to check only");
   return args.command == "check" ? Check(args) : Serve(args);
 }

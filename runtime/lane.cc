@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -132,6 +133,8 @@ void Lane::Run() {
         for (size_t i = 0; i < n; ++i) {
           Item* item = batch[i];
           stats_.handoff_ns.Record(static_cast<uint64_t>(std::max<int64_t>(0, now - item->enqueued_ns)));
+          // Items only move forward, into this lane's stages (pipeline.h).
+          assert(item->next_stage >= spec_.first_stage && item->next_stage <= spec_.last_stage);
           out_.local_[static_cast<size_t>(item->next_stage - spec_.first_stage)].push_back(item);
         }
         RunLocal(spec_.first_stage);
@@ -150,6 +153,8 @@ void Lane::Run() {
       }
       RunLocal(s + 1);
     }
+    next_tick = std::min(next_tick, out_.tick_by_ns_);
+    out_.tick_by_ns_ = kNeverNs;
     if (now >= next_tick) next_tick = RunTicks(now);
     Flush(now);
 
@@ -177,7 +182,7 @@ void Lane::Run() {
       if (io_uring_cq_ready(ring_.raw()) > 0) continue;
     }
     if (worked) continue;
-    Wait(std::min(next_tick, drain_deadline));
+    Wait(std::min({next_tick, out_.tick_by_ns_, drain_deadline}));
   }
   done_.store(true, std::memory_order_release);
   // Let the next lane re-check its own finish condition.
@@ -247,7 +252,9 @@ bool Lane::ReapCompletions() {
       const io_uring_cqe& cqe = *cqes[i];
       uint8_t tag = Ring::TagOf(cqe.user_data);
       if (tag == Ring::kLaneTag) {
-        eventfd_armed_ = false;
+        // Payload 0: the eventfd read; 1: a stage's WaitFd became readable (one-shot poll).
+        if (Ring::PayloadOf(cqe.user_data) == 0) eventfd_armed_ = false; else waitfd_armed_ = -1;
+        worked = true;
         continue;
       }
       int s = spec_.first_stage + tag;
@@ -383,12 +390,21 @@ void Lane::Wait(int64_t until_ns) {
   stats_.sleeps.Add();
   int64_t now = MonotonicNowNs();
   int64_t timeout_ns = until_ns == kNeverNs ? -1 : std::max<int64_t>(0, until_ns - now);
+  // A stage's own fd (an event loop's selector) wakes the lane too.
+  int wait_fd = -1;
+  for (int s = spec_.first_stage; s <= spec_.last_stage && wait_fd < 0; ++s) wait_fd = p_->stages_[s]->WaitFd();
   if (spec_.needs_ring) {
     if (!eventfd_armed_) {
       io_uring_sqe* sqe = ring_.GetSqe();
       io_uring_prep_read(sqe, waker_.fd(), &eventfd_value_, sizeof eventfd_value_, 0);
       sqe->user_data = Ring::Pack(Ring::kLaneTag, 0);
       eventfd_armed_ = true;
+    }
+    if (wait_fd >= 0 && waitfd_armed_ != wait_fd) {
+      io_uring_sqe* sqe = ring_.GetSqe();
+      io_uring_prep_poll_add(sqe, wait_fd, POLLIN);
+      sqe->user_data = Ring::Pack(Ring::kLaneTag, 1);
+      waitfd_armed_ = wait_fd;
     }
     io_uring_cqe* cqe = nullptr;
     if (timeout_ns < 0) {
@@ -397,12 +413,12 @@ void Lane::Wait(int64_t until_ns) {
       __kernel_timespec ts{timeout_ns / kNanosPerSecond, timeout_ns % kNanosPerSecond};
       io_uring_submit_and_wait_timeout(ring_.raw(), &cqe, 1, &ts, nullptr);
     }
-  } else if (timeout_ns < 0) {
+  } else if (timeout_ns < 0 && wait_fd < 0) {
     waker_.Drain();  // blocking read: sleeps until a producer writes
   } else {
-    pollfd pfd{waker_.fd(), POLLIN, 0};
-    int ms = static_cast<int>((timeout_ns + kNanosPerMilli - 1) / kNanosPerMilli);
-    if (poll(&pfd, 1, ms) > 0) waker_.Drain();
+    pollfd pfd[2] = {{waker_.fd(), POLLIN, 0}, {wait_fd, POLLIN, 0}};
+    int ms = timeout_ns < 0 ? -1 : static_cast<int>((timeout_ns + kNanosPerMilli - 1) / kNanosPerMilli);
+    if (poll(pfd, wait_fd >= 0 ? 2 : 1, ms) > 0 && (pfd[0].revents & POLLIN)) waker_.Drain();
   }
   waker_.CancelSleep();
 }

@@ -87,6 +87,7 @@ class PipelineEnv : public StageEnv {
   Waker* lane_waker() override { return waker_; }
   bool check_only() const override { return p_->check_only_; }
   void CheckStep(absl::string_view what) override { p_->CheckSend('W', what); }
+  int64_t drain_timeout_ns() const override { return p_->options_.drain_timeout_ns; }
   uint8_t ring_tag() const override { return tag_; }
   void set_lane(Ring* ring, Waker* waker, uint8_t tag) {
     ring_ = ring;
@@ -164,6 +165,7 @@ class Lane {
   Waker waker_;
   Ring ring_;
   bool eventfd_armed_ = false;
+  int waitfd_armed_ = -1;  // the stage fd a poll is armed for on the ring (-1: none)
   uint64_t eventfd_value_ = 0;
   bool saw_stop_ = false;
   int started_ = 0;  // stages [first, started_) were started

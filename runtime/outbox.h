@@ -10,6 +10,7 @@
 
 #include <cassert>
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -43,6 +44,9 @@ class Outbox {
   bool Congested(int stage_index) const;
   // The time at the start of this loop iteration (CLOCK_MONOTONIC ns).
   int64_t now_ns() const { return now_ns_; }
+  // Asks the lane to call the stages' Tick no later than `at_ns` (for a deadline a stage set
+  // up outside Tick, e.g. in Process or Poll; Tick's own return value covers the rest).
+  void TickBy(int64_t at_ns) { tick_by_ns_ = std::min(tick_by_ns_, at_ns); }
 
  private:
   friend class Lane;
@@ -63,6 +67,7 @@ class Outbox {
   int first_stage_ = 0, last_stage_ = 0, num_stages_ = 0;
   size_t capacity_ = 0;
   int64_t now_ns_ = 0;
+  int64_t tick_by_ns_ = INT64_MAX;
   StageStats* stats_ = nullptr;              // the current stage's
   std::vector<std::vector<Item*>> local_;    // per stage on this lane
   std::vector<Remote> remote_;               // per lane (only later lanes are used)

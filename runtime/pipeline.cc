@@ -78,6 +78,21 @@ void Pipeline::RequestStop() {
   stop_time_ns_.compare_exchange_strong(expected, MonotonicNowNs());
   stop_.store(true, std::memory_order_release);
   for (auto& lane : lanes_) lane->waker().Kick();
+  drain_guard_.Arm();
+}
+
+std::string Pipeline::DescribeBusy() const {
+  std::string out;
+  for (size_t l = 0; l < lanes_.size(); ++l) {
+    if (lanes_[l]->done()) continue;
+    const LaneSpec& spec = lane_specs_[l];
+    absl::StrAppend(&out, out.empty() ? "" : "; ", "thread '", spec.name, "'");
+    for (int s = spec.first_stage; s <= spec.last_stage; ++s) {
+      std::string what = stages_[s]->BusyWith();
+      if (!what.empty()) absl::StrAppend(&out, " (", stage_specs_[s].name, ": ", what, ")");
+    }
+  }
+  return out;
 }
 
 bool Pipeline::WaitUntilRunning() {
@@ -182,6 +197,8 @@ absl::Status Pipeline::Run(const std::function<void()>& on_running) {
     start_cv_.notify_all();
   }
   if (failure.ok()) {
+    drain_guard_.Start(options_.drain_timeout_ns, &stop_time_ns_, [this] { return DescribeBusy(); });
+    if (stop_requested()) drain_guard_.Arm();  // a signal that came during the start
     running_.store(true, std::memory_order_release);
     if (on_running) on_running();
     if (main_lane >= 0) {
@@ -196,6 +213,7 @@ absl::Status Pipeline::Run(const std::function<void()>& on_running) {
     const LaneSpec& spec = lane_specs_[l];
     for (int s = lanes_[l]->started() - 1; s >= spec.first_stage; --s) stages_[s]->Shutdown();
   }
+  drain_guard_.Finish();
   pthread_setname_np(pthread_self(), main_name);
   return failure;
 }

@@ -31,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "runtime/clock.h"
 #include "runtime/config.h"
+#include "runtime/drain_guard.h"
 #include "runtime/queue.h"
 #include "runtime/registry.h"
 #include "runtime/scheduling.h"
@@ -163,6 +164,8 @@ class Pipeline {
   void CheckChild();
   void CheckSend(char kind, absl::string_view text);
   void ReportSetup(int lane, absl::Status status);
+  // For the drain guard: the lanes not done, with what their stages say they are busy with.
+  std::string DescribeBusy() const;
 
   std::vector<std::unique_ptr<Stage>> stages_;
   std::vector<StageSpec> stage_specs_;
@@ -183,6 +186,7 @@ class Pipeline {
   std::atomic<int64_t> stop_time_ns_{0};
   std::atomic<uint64_t> abandoned_{0};
   std::atomic<bool> drain_timed_out_{false};
+  DrainGuard drain_guard_;
 
   // Start-up handshake only (never on the data path).
   std::mutex start_mu_;

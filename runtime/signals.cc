@@ -24,17 +24,21 @@ void OnStopSignal(int signo) {
     static const char kMsg[] = "second stop signal: exiting now without draining\n";
     ssize_t n = write(STDERR_FILENO, kMsg, sizeof kMsg - 1);
     (void)n;
-    int count = std::min(g_deadline_count.load(), kDeadlineThreadsMax);
-    for (int i = 0; i < count; ++i) {
-      int tid = g_deadline_tids[i].load();
-      if (tid > 0) ResetThreadToOther(tid);
-    }
+    ResetDeadlineThreadsToOther();
     _exit(128 + signo);
   }
   if (g_on_stop != nullptr) g_on_stop(g_arg);
 }
 
 }  // namespace
+
+void ResetDeadlineThreadsToOther() {
+  int count = std::min(g_deadline_count.load(), kDeadlineThreadsMax);
+  for (int i = 0; i < count; ++i) {
+    int tid = g_deadline_tids[i].load();
+    if (tid > 0) ResetThreadToOther(tid);
+  }
+}
 
 void RegisterDeadlineThread(int tid) {
   int i = g_deadline_count.fetch_add(1);

@@ -20,5 +20,8 @@ void InstallStopSignals(void (*on_stop)(void*), void* arg);
 // changes its policy. Lock-free; at most kDeadlineThreadsMax are kept.
 inline constexpr int kDeadlineThreadsMax = 64;
 void RegisterDeadlineThread(int tid);
+// Returns every registered thread to SCHED_OTHER (before an exit that skips the drain).
+// Async-signal-safe.
+void ResetDeadlineThreadsToOther();
 
 }  // namespace metronome

@@ -38,6 +38,7 @@
 #include <string>
 #include <string_view>
 #include <typeindex>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -53,6 +54,13 @@ namespace metronome {
 
 class Outbox;
 class Ring;
+
+// An io_uring opcode a stage submits, for the start-up probe (uring.h).
+struct RingOp {
+  int op;             // IORING_OP_*
+  const char* name;   // "SENDMSG"
+  const char* since;  // the Linux version that brought it (as the stage uses it), "5.3"
+};
 
 // Receives a stage's own figures. Names are snake_case with their unit last
 // ("requests_total", "busy_seconds"); /metrics prefixes them with metronome_<stage type>_ and
@@ -91,6 +99,8 @@ class StageEnv {
   virtual Waker* lane_waker() = 0;
   // True under `metronome check`: Configure only, nothing will start (CheckDeep may run).
   virtual bool check_only() const = 0;
+  // runtime.drain_timeout: how long the drain may take before the server gives up on it.
+  virtual int64_t drain_timeout_ns() const = 0;
   // Under check, names what the stage is about to do in CheckDeep ("importing ..."), so that a
   // check that hangs or crashes says where. A no-op otherwise.
   virtual void CheckStep(absl::string_view what) { (void)what; }
@@ -165,11 +175,21 @@ class Stage {
   virtual void BeginStop(Outbox& out) { (void)out; }
   // Nothing in flight that still needs this lane (pending writes, buffered input, ...).
   virtual bool Idle() const { return true; }
+  // What the stage is busy with, for the report of a drain that timed out (e.g. the request a
+  // handler is stuck in). Called from another thread while the stage may be running: read
+  // only what stays valid while the stage is stuck (atomics, the current item).
+  virtual std::string BusyWith() const { return {}; }
   virtual void Shutdown() {}
 
   virtual bool NeedsRing() const { return false; }
+  // The io_uring opcodes this stage submits (NeedsRing stages): probed before any thread starts,
+  // by `serve` and `check`, so a kernel without one fails with its name, not mid-request.
+  virtual std::vector<RingOp> RingOps() const { return {}; }
   // The stage must run on the process's main thread (the embedded interpreter's thread).
   virtual bool NeedsMainThread() const { return false; }
+  // A file descriptor the lane also waits on when it sleeps (readable: Poll has work), e.g. an
+  // event loop's selector; -1 for none. Asked before each sleep, on the lane's thread.
+  virtual int WaitFd() const { return -1; }
   // A sink emits nothing; its lane keeps serving it while downstream queues are full.
   virtual bool IsSink() const { return false; }
   // Extra per-stage figures for /stats and /metrics (see StatsSink).

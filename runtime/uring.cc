@@ -75,33 +75,21 @@ io_uring_sqe* Ring::GetSqe() {
   return sqe;
 }
 
-absl::Status ProbeIoUring() {
+absl::Status ProbeIoUring(const std::vector<RingOp>& ops) {
   io_uring ring{};
   io_uring_params params{};
   params.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
   int rc = io_uring_queue_init_params(8, &ring, &params);
   if (rc < 0) return absl::UnavailableError(SetupFailure(-rc, "io_uring probe"));
-  struct Need {
-    int op;
-    const char* name;
-    const char* since;
-  };
-  static constexpr Need kNeeded[] = {
-      {IORING_OP_ACCEPT, "ACCEPT (multishot)", "5.19"},
-      {IORING_OP_RECV, "RECV (multishot, provided buffers)", "6.0"},
-      {IORING_OP_SEND, "SEND", "5.6"},
-      {IORING_OP_WRITEV, "WRITEV", "5.1"},
-      {IORING_OP_READ, "READ", "5.6"},
-      {IORING_OP_CLOSE, "CLOSE", "5.6"},
-      {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL", "5.5"},
-      {IORING_OP_SHUTDOWN, "SHUTDOWN", "5.11"},
-  };
+  std::vector<RingOp> needed = ops;
+  needed.push_back({IORING_OP_READ, "READ (the lane's eventfd)", "5.6"});
+  needed.push_back({IORING_OP_POLL_ADD, "POLL_ADD (a stage's wait fd)", "5.1"});
   io_uring_probe* probe = io_uring_get_probe_ring(&ring);
   std::string missing;
   if (probe == nullptr) {
     missing = "the opcode probe itself (kernel < 5.6)";
   } else {
-    for (const Need& n : kNeeded) {
+    for (const RingOp& n : needed) {
       if (!io_uring_opcode_supported(probe, n.op)) {
         absl::StrAppend(&missing, missing.empty() ? "" : ", ", n.name, " (Linux ", n.since, ")");
       }

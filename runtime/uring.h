@@ -9,6 +9,10 @@
 // Thread-safety: every method must be called from the thread that called Init().
 #pragma once
 
+#include <vector>
+
+#include "runtime/stage.h"
+
 #include <cstdint>
 #include <string>
 
@@ -57,6 +61,7 @@ class Ring {
 // Probes the kernel for the io_uring setup flags and opcodes metronome uses, before any thread
 // starts. On failure the message names what is missing and the likely cause (kernel too old,
 // io_uring disabled by sysctl, a seccomp filter in a container).
-absl::Status ProbeIoUring();
+// `ops` are the stages' (Stage::RingOps); the lane's own (READ of its eventfd) are added.
+absl::Status ProbeIoUring(const std::vector<RingOp>& ops);
 
 }  // namespace metronome

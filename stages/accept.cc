@@ -10,11 +10,19 @@
 // event; send closes the fd once every response was accounted for (conn.h).
 //
 // Past server.max_connections a new connection gets a canned 503 with Retry-After and is closed.
+//
+// The drain (BeginStop) closes the listening socket, so that new connections are refused at
+// once (a load balancer moves on; the client knows nothing was sent, so any request is safe to
+// retry) instead of completing handshakes nobody answers. Connections the kernel had already
+// completed are taken first and served like the others. Open connections keep their read side:
+// a request that arrives on one during the drain is answered (with Connection: close, see
+// serialize and parse), never swallowed.
 #include "stages/accept.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -142,6 +150,14 @@ absl::Status AcceptStage::Start(StageEnv& env) {
   return absl::OkStatus();
 }
 
+std::vector<RingOp> AcceptStage::RingOps() const {
+  return {{IORING_OP_ACCEPT, "ACCEPT (multishot)", "5.19"},
+          {IORING_OP_RECV, "RECV (multishot, provided buffers)", "6.0"},
+          {IORING_OP_SEND, "SEND (the max_connections 503)", "5.6"},
+          {IORING_OP_CLOSE, "CLOSE", "5.6"},
+          {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL", "5.5"}};
+}
+
 void AcceptStage::ArmAccept() {
   io_uring_sqe* sqe = ring_->GetSqe();
   io_uring_prep_multishot_accept(sqe, listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
@@ -185,33 +201,58 @@ void AcceptStage::OnAccept(const io_uring_cqe& cqe) {
     sockaddr_storage peer{};
     socklen_t len = sizeof peer;
     getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len);
-    ConnId id;
-    if (stopping_ || !shared_->conns.Acquire(fd, peer, &id)) {
-      Reject(fd);
-    } else {
-      int one = 1;
-      // Responses are written whole; Nagle would only delay the last segment.
-      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-      live_[SlotOf(id)] = 1;
-      ++live_count_;
-      // Parse starts the connection's first-request timer from this event.
-      ConnEvent& opened = shared_->opened_events[SlotOf(id)];
-      opened.conn = id;
-      Hand(&opened, *out_);
-      if (BuffersLow()) {
-        QueueRearm(id);
-      } else {
-        ArmRecv(id);
-      }
-    }
+    AddConnection(fd, peer, *out_);
   }
   if (!accept_armed_ && !stopping_) ArmAccept();
+  if (!accept_armed_ && stopping_) CloseListener();
+}
+
+// The multishot accept has ended (cancelled): take what the kernel already accepted, then
+// close the socket. Until the close a handshake may still complete; it is taken too.
+void AcceptStage::CloseListener() {
+  if (listen_fd_ < 0) return;
+  int flags = fcntl(listen_fd_, F_GETFL);
+  fcntl(listen_fd_, F_SETFL, flags | O_NONBLOCK);
+  int taken = 0;
+  for (;;) {
+    sockaddr_storage peer{};
+    socklen_t len = sizeof peer;
+    int fd = accept4(listen_fd_, reinterpret_cast<sockaddr*>(&peer), &len, SOCK_CLOEXEC);
+    if (fd < 0) break;  // EAGAIN: the queue is empty
+    ++taken;
+    AddConnection(fd, peer, *out_);
+  }
+  close(listen_fd_);
+  listen_fd_ = -1;
+  LOG_INFO("drain: the listening socket is closed (new connections are refused)%s",
+           taken > 0 ? absl::StrCat("; ", taken, " connection(s) already queued were taken").c_str() : "");
+}
+
+void AcceptStage::AddConnection(int fd, const sockaddr_storage& peer, Outbox& out) {
+  ConnId id;
+  if (!shared_->conns.Acquire(fd, peer, &id)) {
+    Reject(fd);
+    return;
+  }
+  int one = 1;
+  // Responses are written whole; Nagle would only delay the last segment.
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  live_[SlotOf(id)] = 1;
+  ++live_count_;
+  // Parse starts the connection's first-request timer from this event.
+  ConnEvent& opened = shared_->opened_events[SlotOf(id)];
+  opened.conn = id;
+  Hand(&opened, out);
+  if (BuffersLow()) {
+    QueueRearm(id);
+  } else {
+    ArmRecv(id);
+  }
 }
 
 void AcceptStage::Reject(int fd) {
   rejected_.Add();
-  LOG_RATE_LIMITED(LogLevel::kWarn, "shed a new connection with 503: %s",
-                   stopping_ ? "shutting down" : "server.max_connections reached");
+  LOG_RATE_LIMITED(LogLevel::kWarn, "shed a new connection with 503: server.max_connections reached");
   io_uring_sqe* sqe = ring_->GetSqe();
   io_uring_prep_send(sqe, fd, reject_response_.data(), reject_response_.size(), MSG_NOSIGNAL);
   sqe->flags |= IOSQE_IO_LINK;
@@ -294,17 +335,6 @@ bool AcceptStage::Poll(Outbox& out) {
     worked = true;
   }
   if (rearm_.empty()) return worked;
-  if (stopping_) {
-    // Intake stopped: a connection without a recv armed ends here.
-    while (!rearm_.empty()) {
-      ConnId id = rearm_.back();
-      rearm_.pop_back();
-      live_[SlotOf(id)] = 0;
-      --live_count_;
-      EmitClosed(id, out);
-    }
-    return true;
-  }
   if (BuffersLow()) return worked;
   shared_->accept_wants_buffers.store(false, std::memory_order_release);
   for (ConnId id : rearm_) ArmRecv(id);
@@ -314,24 +344,20 @@ bool AcceptStage::Poll(Outbox& out) {
 }
 
 void AcceptStage::BeginStop(Outbox& out) {
-  (void)out;
+  out_ = &out;
   stopping_ = true;
-  // Stop taking connections, then end every read side: each recv completes with 0 and the
-  // connection drains through the pipeline (in-flight requests are answered) and closes.
-  if (listen_fd_ >= 0) {
+  // Stop taking connections; the accept's last completion closes the socket (CloseListener).
+  // The connections stay: parse ends them as their last requests are answered.
+  if (accept_armed_) {
     io_uring_sqe* sqe = ring_->GetSqe();
     io_uring_prep_cancel64(sqe, Ring::Pack(tag_, Payload(kOpAccept, 0)), 0);
     sqe->user_data = Ring::Pack(tag_, Payload(kOpCancel, 0));
-  }
-  for (uint32_t slot = 0; slot < live_.size(); ++slot) {
-    if (!live_[slot]) continue;
-    // (Connections waiting in rearm_ have no recv armed: Poll ends them.)
-    // shutdown(2) directly: it is immediate, and SHUT_RD makes the pending recv complete with 0.
-    ::shutdown(shared_->conns.fd(MakeConnId(slot, 0)), SHUT_RD);
+  } else {
+    CloseListener();
   }
 }
 
-bool AcceptStage::Idle() const { return live_count_ == 0 && !accept_armed_ && overflow_.empty(); }
+bool AcceptStage::Idle() const { return live_count_ == 0 && !accept_armed_ && listen_fd_ < 0 && overflow_.empty(); }
 
 void AcceptStage::Shutdown() {
   if (listen_fd_ >= 0) close(listen_fd_);

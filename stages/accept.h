@@ -30,6 +30,7 @@ class AcceptStage : public Stage {
   bool Idle() const override;
   void Shutdown() override;
   bool NeedsRing() const override { return true; }
+  std::vector<RingOp> RingOps() const override;
   void ExtraStats(StatsSink& sink) const override;
 
  private:
@@ -38,6 +39,8 @@ class AcceptStage : public Stage {
   void OnAccept(const io_uring_cqe& cqe);
   void OnRecv(const io_uring_cqe& cqe, ConnId id, Outbox& out);
   void Reject(int fd);
+  void AddConnection(int fd, const sockaddr_storage& peer, Outbox& out);
+  void CloseListener();
   void EmitClosed(ConnId id, Outbox& out);
   void Hand(HttpItem* item, Outbox& out);
   bool BuffersLow() const;
@@ -46,7 +49,7 @@ class AcceptStage : public Stage {
   HttpConfig config_;
   HttpShared* shared_ = nullptr;
   Ring* ring_ = nullptr;
-  Outbox* out_ = nullptr;  // during OnCompletion only
+  Outbox* out_ = nullptr;  // during OnCompletion and BeginStop only
   uint8_t tag_ = 0;
   int listen_fd_ = -1;
   std::string bound_address_;

@@ -15,6 +15,11 @@
 // before its first byte), a partial head limits.header_timeout (then 408), a body without
 // progress limits.body_timeout (then 408), a closing connection server.linger_timeout to see the
 // client's EOF before send shuts it down hard.
+//
+// The drain (BeginStop): every request still read is answered with Connection: close and ends
+// its connection; a connection with nothing in progress is closed once server.drain_grace has
+// passed (a request already on its way there is answered, not swallowed); new ones get the same
+// grace.
 #include "stages/parse.h"
 
 #include <cassert>
@@ -23,12 +28,16 @@
 #include "runtime/outbox.h"
 #include "runtime/registry.h"
 #include "runtime/units.h"
+#include "stages/http/path.h"
 
 namespace metronome::http {
 namespace {
 
 // Emits per head at most: the request, a 100-continue event, an error response, a shutdown.
 constexpr size_t kRoomPerStep = 3;
+// In the drain, how long a connection that just sent its last response (or became idle after
+// the grace) stays open for the client to read it before it is closed.
+constexpr int64_t kDrainLingerNs = 100 * kNanosPerMilli;
 // How often Tick runs when no deadline is nearer.
 constexpr int64_t kTickMaxNs = kNanosPerSecond;
 
@@ -47,6 +56,7 @@ absl::Status ParseStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& 
   timeouts_[kTimerHead] = config_.header_timeout_ns;
   timeouts_[kTimerBody] = config_.body_timeout_ns;
   timeouts_[kTimerLinger] = config_.linger_timeout_ns;
+  timeouts_[kTimerDrain] = config_.drain_grace_ns;
   return absl::OkStatus();
 }
 
@@ -97,7 +107,7 @@ void ParseStage::Process(std::span<Item* const> batch, Outbox& out) {
       }
       case Kind::kOpened: {
         Conn* c = Lookup(item->conn);
-        Arm(c, kTimerFirst, out.now_ns());
+        Arm(c, draining_ ? kTimerDrain : kTimerFirst, out.now_ns());
         break;
       }
       case Kind::kClosed: {
@@ -252,11 +262,24 @@ void ParseStage::Step(Conn* c, RecvChunk* ch, Outbox& out) {
     return;
   }
 
+  // The path routing and the app see (path.h); an encoded NUL is refused as a raw one is.
+  const PathCheck path = NormalizePath(head.path, &spare_->path_buf);
+  if (path == PathCheck::kNul) {
+    Reject(c, ParseError{400, "NUL (%00) in the request path"}, out);
+    ch->offset = ch->len;
+    return;
+  }
   // A complete head: it becomes a request, its bytes copied once into the request.
   Request* r = spare_;
   spare_ = nullptr;
   r->head_buf.assign(base, consumed);
   r->head.Rebase(base, r->head_buf.data());
+  if (path == PathCheck::kNormalized) {
+    r->path = r->path_buf;
+    paths_normalized_.Add();
+  } else {
+    r->path = r->head.path;
+  }
   if (!c->carry.empty()) {
     c->carry.clear();
     c->carry_scanned = 0;
@@ -267,6 +290,7 @@ void ParseStage::Step(Conn* c, RecvChunk* ch, Outbox& out) {
   r->seq = c->next_seq++;
   r->head_done_ns = out.now_ns();
   r->is_head = r->head.method_id == Method::kHead;
+  if (draining_) r->head.keep_alive = false;  // answered, then the connection ends
   if (!r->head.keep_alive) c->closing = true;
 
   if (r->head.body_kind == BodyKind::kNone ||
@@ -326,7 +350,22 @@ void ParseStage::Finish(Conn* c, Request* r, Outbox& out) {
     Arm(c, kTimerLinger, out.now_ns());
   } else {
     c->phase = Phase::kIdle;
-    Arm(c, kTimerIdle, out.now_ns());
+    Arm(c, draining_ ? kTimerDrain : kTimerIdle, out.now_ns());
+  }
+}
+
+void ParseStage::BeginStop(Outbox& out) {
+  draining_ = true;
+  drain_deadline_ns_ = out.now_ns() + timeouts_[kTimerDrain];
+  // Every connection waiting (for a request, the rest of one, or its client's EOF) gets the
+  // drain grace if its own timer would come later; the entries move to the drain's list in
+  // deadline order.
+  for (int k : {kTimerFirst, kTimerIdle, kTimerHead, kTimerBody, kTimerLinger}) {
+    TimerList& l = timers_[k];
+    // The list is in deadline order: from its tail, every entry due after the grace moves.
+    while (l.tail != kNoSlot && conns_[l.tail].deadline_ns > drain_deadline_ns_) {
+      Arm(&conns_[l.tail], kTimerDrain, out.now_ns());
+    }
   }
 }
 
@@ -377,8 +416,16 @@ void ParseStage::EndConnection(Conn* c, Outbox& out) {
 
 void ParseStage::Arm(Conn* c, TimerKind kind, int64_t now) {
   Disarm(c);
+  int64_t deadline = now + timeouts_[kind];
+  if (draining_) {
+    // In the drain every wait ends at the grace, or a little after it for what starts later
+    // (a connection that just got its last response may read it first). The formula only grows
+    // with `now`, so the drain's list stays in deadline order.
+    kind = kTimerDrain;
+    deadline = std::max(drain_deadline_ns_, now + kDrainLingerNs);
+  }
   c->timer = kind;
-  c->deadline_ns = now + timeouts_[kind];
+  c->deadline_ns = deadline;
   TimerList& l = timers_[kind];
   c->timer_prev = l.tail;
   c->timer_next = kNoSlot;
@@ -416,6 +463,16 @@ int64_t ParseStage::Tick(int64_t now, Outbox& out) {
 void ParseStage::Expire(Conn* c, TimerKind kind, Outbox& out) {
   timeouts_fired_[kind].Add();
   switch (kind) {
+    case kTimerDrain:
+      if (c->phase == Phase::kHead || c->phase == Phase::kBody) {
+        // A request still arriving when the drain's grace ran out: answered, not dropped.
+        LOG_RATE_LIMITED(LogLevel::kInfo, "connection %u: request incomplete when the drain's grace ended, answering 408",
+                         SlotOf(c->id));
+        if (c->current != nullptr) DropCurrent(c);
+        Reject(c, ParseError{408, "the server is shutting down and the request did not arrive in time"}, out);
+        break;
+      }
+      [[fallthrough]];
     case kTimerFirst:
     case kTimerIdle:
       // Nothing was asked: close quietly (RFC 9112 9.5 allows it at any idle moment).
@@ -444,6 +501,7 @@ void ParseStage::Expire(Conn* c, TimerKind kind, Outbox& out) {
 void ParseStage::ExtraStats(StatsSink& sink) const {
   sink.Value("requests_total", static_cast<double>(requests_.Get()));
   sink.Value("rejected_total", static_cast<double>(rejected_.Get()));
+  sink.Value("paths_normalized_total", static_cast<double>(paths_normalized_.Get()));
   sink.Value("abandoned_total", static_cast<double>(abandoned_.Get()));
   sink.Value("blocked_total", static_cast<double>(blocked_total_.Get()));
   sink.Value("timeouts_first_request_total", static_cast<double>(timeouts_fired_[kTimerFirst].Get()));
@@ -451,6 +509,7 @@ void ParseStage::ExtraStats(StatsSink& sink) const {
   sink.Value("timeouts_header_total", static_cast<double>(timeouts_fired_[kTimerHead].Get()));
   sink.Value("timeouts_body_total", static_cast<double>(timeouts_fired_[kTimerBody].Get()));
   sink.Value("timeouts_linger_total", static_cast<double>(timeouts_fired_[kTimerLinger].Get()));
+  sink.Value("drain_idle_closes_total", static_cast<double>(timeouts_fired_[kTimerDrain].Get()));
   sink.Value("requests_in_use", static_cast<double>(shared_ != nullptr && shared_->ready() ? shared_->requests.in_use() : 0));
 }
 

@@ -18,12 +18,13 @@ class ParseStage : public Stage {
   void Process(std::span<Item* const> batch, Outbox& out) override;
   bool Poll(Outbox& out) override;
   int64_t Tick(int64_t now_ns, Outbox& out) override;
+  void BeginStop(Outbox& out) override;
   void Shutdown() override;
   void ExtraStats(StatsSink& sink) const override;
 
  private:
   enum class Phase : uint8_t { kIdle, kHead, kBody, kDiscard };
-  enum TimerKind : uint8_t { kTimerFirst, kTimerIdle, kTimerHead, kTimerBody, kTimerLinger, kTimerKinds, kTimerNone = 0xff };
+  enum TimerKind : uint8_t { kTimerFirst, kTimerIdle, kTimerHead, kTimerBody, kTimerLinger, kTimerDrain, kTimerKinds, kTimerNone = 0xff };
   static constexpr uint32_t kNoSlot = UINT32_MAX;
 
   struct Conn {
@@ -67,6 +68,8 @@ class ParseStage : public Stage {
   HttpConfig config_;
   HttpShared* shared_ = nullptr;
   int serialize_ = -1, send_ = -1;
+  bool draining_ = false;
+  int64_t drain_deadline_ns_ = 0;  // every connection waiting for a request is done by then
   std::vector<Conn> conns_;
   std::vector<ConnId> blocked_, scratch_;
   Request* spare_ = nullptr;  // taken from the pool, not yet used
@@ -74,7 +77,7 @@ class ParseStage : public Stage {
   int64_t timeouts_[kTimerKinds] = {};
   TimerList timers_[kTimerKinds];
 
-  Counter requests_, rejected_, abandoned_, blocked_total_;
+  Counter requests_, rejected_, abandoned_, blocked_total_, paths_normalized_;
   Counter timeouts_fired_[kTimerKinds];
 };
 

@@ -13,6 +13,7 @@
 #include "runtime/log.h"
 #include "runtime/outbox.h"
 #include "runtime/registry.h"
+#include "stages/http/path.h"
 
 namespace metronome::http {
 
@@ -93,6 +94,14 @@ absl::Status RouteStage::Connect(StageEnv& env) {
   return absl::OkStatus();
 }
 
+// A decoded ".." must never reach a handler through a parameter (path.h, point 3).
+bool RouteStage::ParamsAreSafe(const Request& r) {
+  for (int i = 0; i < r.num_params; ++i) {
+    if (r.params[i].type != ParamType::kInt && !ParamValueIsSafe(r.params[i].value)) return false;
+  }
+  return true;
+}
+
 void RouteStage::Answer(Request* r, int status, absl::string_view body, Outbox& out) {
   r->resp.status = status;
   r->resp.content_type = "text/plain; charset=utf-8";
@@ -116,7 +125,7 @@ void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
     }
     std::string_view allow;
     int target = -1;
-    switch (router_.Find(h.method_id, h.path, r, &allow, &target)) {
+    switch (router_.Find(h.method_id, r->path, r, &allow, &target)) {
       case Router::Result::kNotFound:
         not_found_.Add();
         Answer(r, 404, "not found\n", out);
@@ -128,6 +137,11 @@ void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
         continue;
       case Router::Result::kFound:
         break;
+    }
+    if (!ParamsAreSafe(*r)) {
+      unsafe_params_.Add();
+      Answer(r, 400, "a path parameter decodes to a dot segment or a NUL\n", out);
+      continue;
     }
     found_.Add();
     r->route = target;
@@ -150,6 +164,7 @@ void RouteStage::ExtraStats(StatsSink& sink) const {
   sink.Value("method_not_allowed_total", static_cast<double>(not_allowed_.Get()));
   sink.Value("not_implemented_total", static_cast<double>(not_implemented_.Get()));
   sink.Value("shed_total", static_cast<double>(shed_.Get()));
+  sink.Value("unsafe_params_total", static_cast<double>(unsafe_params_.Get()));
 }
 
 METRONOME_REGISTER_STAGE("route", RouteStage);

@@ -8,6 +8,13 @@
 // responses before it are written. The fd is closed here, exactly once, when the read side has
 // ended (kClosed) and every response parse issued was written or dropped; then the slot goes back
 // to the table. A peer that vanished turns the rest of its responses into drops.
+//
+// Streams (stream.h): a streamed response is its Request (the head, part 0) and then its
+// BodyChunks (parts 1, 2, ...), all in the connection's list ordered by (seq, part); a write
+// takes every piece that is next in order. The Request stays here until its terminal chunk
+// retires it, so the response is accounted for (and the connection may end) only then. Each
+// chunk written or dropped gives its bytes back to the connection's StreamFlow and wakes a
+// producer waiting on it; a connection whose client is gone is marked cancelled there.
 #include "stages/send.h"
 
 #include <arpa/inet.h>
@@ -46,6 +53,7 @@ absl::Status SendStage::Start(StageEnv& env) {
   tag_ = env.ring_tag();
   conns_ = std::vector<Conn>(config_.max_connections);
   giver_ = shared_->requests.MakeGiverToken();
+  chunk_giver_ = shared_->body_chunks.MakeGiverToken();
   if (config_.access_log == "-") {
     access_fd_ = STDERR_FILENO;
   } else if (!config_.access_log.empty()) {
@@ -65,7 +73,7 @@ void SendStage::Shutdown() {
 }
 
 // Common Log Format: host - - [time] "request line" status bytes
-void SendStage::AccessLog(const Conn* c, const Request* r) {
+void SendStage::AccessLog(const Conn* c, const Request* r, uint64_t body_bytes) {
   time_t now = time(nullptr);
   if (now != access_second_) {
     access_second_ = now;
@@ -87,9 +95,7 @@ void SendStage::AccessLog(const Conn* c, const Request* r) {
   } else {
     absl::StrAppend(&access_buf_, Sv(h.method), " ", Sv(h.target), " HTTP/1.", h.version_minor);
   }
-  size_t body = r->resp.body.size();
-  for (const auto& part : r->resp.body_parts) body += part.size();
-  absl::StrAppend(&access_buf_, "\" ", r->resp.status, " ", r->is_head ? 0 : body, "\n");
+  absl::StrAppend(&access_buf_, "\" ", r->resp.status, " ", body_bytes, "\n");
   if (access_buf_.size() > 60 * 1024) FlushAccessLog();
 }
 
@@ -99,6 +105,8 @@ void SendStage::FlushAccessLog() {
   (void)n;  // a full disk loses log lines, never requests
   access_buf_.clear();
 }
+
+std::vector<RingOp> SendStage::RingOps() const { return {{IORING_OP_SENDMSG, "SENDMSG", "5.3"}}; }
 
 SendStage::Conn* SendStage::Lookup(ConnId id) {
   Conn& c = conns_[SlotOf(id)];
@@ -118,10 +126,12 @@ void SendStage::Process(std::span<Item* const> batch, Outbox& out) {
     Conn* c = Lookup(item->conn);
     switch (item->kind) {
       case Kind::kRequest:
-        Enqueue(c, static_cast<Request*>(item));
+      case Kind::kChunk:
+        Enqueue(c, static_cast<WirePiece*>(item));
         break;
       case Kind::kClosed:
         c->read_closed = true;
+        shared_->flows[SlotOf(c->id)].read_closed_gen.store(c->gen, std::memory_order_release);
         c->issued = static_cast<ConnEvent*>(item)->requests_issued;
         break;
       case Kind::kShutdown:
@@ -141,17 +151,18 @@ void SendStage::Process(std::span<Item* const> batch, Outbox& out) {
   FlushAccessLog();
 }
 
-// Inserts r into the connection's list, which stays sorted by seq.
-void SendStage::Enqueue(Conn* c, Request* r) {
+// Inserts p into the connection's list, which stays sorted by (seq, part).
+void SendStage::Enqueue(Conn* c, WirePiece* p) {
   if (c->peer_gone || c->shut) {
-    Retire(c, r, false);  // accounted for, never written
+    RetirePiece(c, p, false);  // accounted for, never written
     return;
   }
-  assert(r->seq >= c->next_seq && "a response for a sequence number already written");
-  Request** p = &c->waiting;
-  while (*p != nullptr && (*p)->seq < r->seq) p = &(*p)->next_out;
-  r->next_out = *p;
-  *p = r;
+  assert((p->seq > c->next_seq || (p->seq == c->next_seq && p->part >= c->next_part)) &&
+         "a piece of a response already written");
+  WirePiece** q = &c->waiting;
+  while (*q != nullptr && ((*q)->seq < p->seq || ((*q)->seq == p->seq && (*q)->part < p->part))) q = &(*q)->next_out;
+  p->next_out = *q;
+  *q = p;
 }
 
 void SendStage::TryWrite(Conn* c) {
@@ -170,16 +181,29 @@ void SendStage::TryWrite(Conn* c) {
     }
   }
   if (!c->writing_continue) {
-    // Everything ready and next in order, up to the iovec limit or a response that closes.
+    // Every piece ready and next in order, up to the iovec limit or a piece that closes.
     c->iov_n = 0;
     c->batch = 0;
-    uint32_t seq = c->next_seq;
-    for (Request* r = c->waiting; r != nullptr && r->seq == seq && c->iov_n + r->iov_count <= kIovMax; r = r->next_out, ++seq) {
-      for (int i = 0; i < r->iov_count; ++i) c->iov[c->iov_n++] = r->iov[i];
+    uint32_t seq = c->next_seq, part = c->next_part;
+    for (WirePiece* p = c->waiting; p != nullptr && p->seq == seq && p->part == part && c->iov_n + p->iov_count <= kIovMax;
+         p = p->next_out) {
+      for (int i = 0; i < p->iov_count; ++i) c->iov[c->iov_n++] = p->iov[i];
       ++c->batch;
-      if (r->resp.close) break;
+      if (p->ends) {
+        ++seq;
+        part = 0;
+      } else {
+        ++part;
+      }
+      if (EndsConnection(p)) break;
     }
     if (c->batch == 0) return;
+    if (c->iov_n == 0) {
+      // Only empty pieces (an aborted stream's terminal chunk): nothing to write.
+      if (RetireBatch(c)) EndWrites(c);
+      TryWrite(c);
+      return;
+    }
   }
   c->msg = msghdr{};
   c->msg.msg_iov = c->iov;
@@ -210,13 +234,12 @@ void SendStage::OnWritten(Conn* c, int res) {
       LOG_RATE_LIMITED(LogLevel::kWarn, "send on connection %u failed: %s", SlotOf(c->id), std::strerror(-res));
     }
     write_errors_.Add();
-    c->peer_gone = true;
-    DropAll(c);
+    PeerGone(c);
     // Make sure the read side ends too (accept's recv completes, kClosed follows), whatever the
     // peer's state: a reset peer does not always wake a pending multishot recv.
-    if (!c->shut) {
+    if (!c->shut_read) {
       ::shutdown(shared_->conns.fd(c->id), SHUT_RDWR);
-      c->shut = true;
+      c->shut = c->shut_read = true;
     }
     return;
   }
@@ -226,7 +249,7 @@ void SendStage::OnWritten(Conn* c, int res) {
   int i = 0;
   while (i < c->iov_n && left >= c->iov[i].iov_len) left -= c->iov[i++].iov_len;
   if (i < c->iov_n) {
-    // A partial write: resume from where it stopped, same responses.
+    // A partial write: resume from where it stopped, same pieces.
     partial_writes_.Add();
     c->iov[i].iov_base = static_cast<char*>(c->iov[i].iov_base) + left;
     c->iov[i].iov_len -= left;
@@ -244,23 +267,83 @@ void SendStage::OnWritten(Conn* c, int res) {
     c->writing_continue = false;
     return;
   }
-  bool close = false;
-  const int64_t now = MonotonicNowNs();
-  for (int k = 0; k < c->batch; ++k) {
-    Request* r = c->waiting;
-    c->waiting = r->next_out;
-    close = r->resp.close;
-    if (r->head_done_ns != 0) latency_ns_.Record(static_cast<uint64_t>(std::max<int64_t>(0, now - r->head_done_ns)));
-    if (access_fd_ >= 0) AccessLog(c, r);
-    Retire(c, r, true);
-    ++c->next_seq;
+  if (RetireBatch(c)) EndWrites(c);
+}
+
+bool SendStage::EndsConnection(const WirePiece* p) {
+  if (p->kind == Kind::kRequest) {
+    const auto* r = static_cast<const Request*>(p);
+    return p->ends && r->resp.close;
   }
-  if (close && !c->shut) {
-    // The response said Connection: close. Shutting the write side lets the client read to
-    // the end; its EOF (or the linger timeout in parse) ends the read side.
-    ::shutdown(shared_->conns.fd(c->id), SHUT_WR);
-    c->shut = true;
-    DropAll(c);
+  const auto* chunk = static_cast<const BodyChunk*>(p);
+  return chunk->abort || (chunk->last && chunk->request->resp.close);
+}
+
+bool SendStage::RetireBatch(Conn* c) {
+  bool close = false;
+  for (int k = 0; k < c->batch; ++k) {
+    WirePiece* p = c->waiting;
+    c->waiting = p->next_out;
+    close = EndsConnection(p);
+    if (p->ends) {
+      ++c->next_seq;
+      c->next_part = 0;
+    } else {
+      ++c->next_part;
+    }
+    RetirePiece(c, p, true);
+  }
+  return close;
+}
+
+// After a response that closes (Connection: close, or a stream cut short): shutting the write
+// side lets the client read to the end; its EOF (or the linger timeout in parse) ends the read
+// side.
+void SendStage::EndWrites(Conn* c) {
+  if (c->shut) return;
+  ::shutdown(shared_->conns.fd(c->id), SHUT_WR);
+  c->shut = true;
+  DropAll(c);
+}
+
+void SendStage::RetirePiece(Conn* c, WirePiece* p, bool written) {
+  if (p->kind == Kind::kRequest) {
+    auto* r = static_cast<Request*>(p);
+    if (written) c->body_bytes += ResponseHasBody(*r) && !r->resp.streaming() ? r->resp.body.size() : 0;
+    // A stream's head stays until its terminal chunk retires it (stream.h).
+    if (p->ends) Retire(c, r, written);
+    return;
+  }
+  auto* chunk = static_cast<BodyChunk*>(p);
+  if (written) {
+    c->body_bytes += chunk->data.size();
+    chunks_written_.Add();
+  } else {
+    chunks_dropped_.Add();
+  }
+  if (chunk->terminal()) {
+    Request* r = chunk->request;
+    if (chunk->abort) streams_aborted_.Add();
+    ReleaseChunk(c, chunk);
+    // A stream cut short is never logged or counted as a complete response.
+    Retire(c, r, written && !chunk->abort);
+    return;
+  }
+  ReleaseChunk(c, chunk);
+}
+
+void SendStage::ReleaseChunk(Conn* c, BodyChunk* chunk) {
+  StreamFlow& flow = shared_->flows[SlotOf(c->id)];
+  Waker* producer = chunk->producer;
+  flow.buffered_bytes.fetch_sub(static_cast<int64_t>(chunk->data.size()), std::memory_order_acq_rel);
+  flow.buffered_chunks.fetch_sub(1, std::memory_order_acq_rel);
+  shared_->body_chunks.Give(chunk, *chunk_giver_);
+  // Wake a paused producer once the backlog is under half of its bounds.
+  if (flow.producer_waiting.load(std::memory_order_acquire) &&
+      flow.buffered_bytes.load(std::memory_order_acquire) < config_.stream_buffer_bytes / 2 &&
+      flow.buffered_chunks.load(std::memory_order_acquire) < kStreamChunksInFlightMax / 2 &&
+      flow.producer_waiting.exchange(false, std::memory_order_acq_rel) && producer != nullptr) {
+    producer->Notify();
   }
 }
 
@@ -269,33 +352,52 @@ void SendStage::Retire(Conn* c, Request* r, bool written) {
   if (written) {
     int cls = r->resp.status / 100;
     responses_[cls >= 1 && cls <= 5 ? cls : 0].Add();
+    if (r->head_done_ns != 0) latency_ns_.Record(static_cast<uint64_t>(std::max<int64_t>(0, MonotonicNowNs() - r->head_done_ns)));
+    if (access_fd_ >= 0) AccessLog(c, r, c->body_bytes);
   } else {
     dropped_.Add();
   }
+  c->body_bytes = 0;
   shared_->requests.Give(r, *giver_);
   if (shared_->parse_wants_requests.load(std::memory_order_relaxed) && shared_->parse_waker != nullptr) {
     shared_->parse_waker->Notify();
   }
 }
 
-// Drops every response still waiting (the peer is gone or the connection is ending).
+// The client is gone: what waits is dropped, and producers of its streams stop at their next
+// step (each ends its stream with a terminal chunk, which retires the stream's head).
+void SendStage::PeerGone(Conn* c) {
+  c->peer_gone = true;
+  shared_->flows[SlotOf(c->id)].cancelled_gen.store(c->gen, std::memory_order_release);
+  DropAll(c);
+}
+
+// Drops every piece still waiting (the peer is gone or the connection is ending).
 void SendStage::DropAll(Conn* c) {
+  if (c->shut || c->peer_gone) shared_->flows[SlotOf(c->id)].cancelled_gen.store(c->gen, std::memory_order_release);
   while (c->waiting != nullptr) {
-    Request* r = c->waiting;
-    c->waiting = r->next_out;
-    Retire(c, r, false);
+    WirePiece* p = c->waiting;
+    c->waiting = p->next_out;
+    RetirePiece(c, p, false);
   }
 }
 
 void SendStage::MaybeEnd(Conn* c) {
   if (c->writing) return;
-  if (c->shutdown_wanted && !c->shut && c->accounted >= c->shutdown_seq && c->waiting == nullptr) {
-    // Timeouts and errors: end both directions; the pending recv completes and accept emits
-    // kClosed.
+  if (c->shutdown_wanted && !c->shut_read && c->accounted >= c->shutdown_seq && c->waiting == nullptr) {
+    // Timeouts, errors, the drain: end both directions (also after a response that already
+    // shut the write side, whose client did not close); the pending recv completes and accept
+    // emits kClosed.
     ::shutdown(shared_->conns.fd(c->id), SHUT_RDWR);
-    c->shut = true;
+    c->shut = c->shut_read = true;
   }
   if (c->read_closed && c->accounted >= c->issued && c->waiting == nullptr) {
+    // Every stream ended with its terminal chunk, which came last: nothing of this connection
+    // is on its way any more (stream.h), so its slot may be reused.
+    StreamFlow& flow = shared_->flows[SlotOf(c->id)];
+    assert(flow.buffered_chunks.load() == 0 && "a connection ends with chunks of it on their way");
+    flow.buffered_bytes.store(0, std::memory_order_relaxed);
+    flow.producer_waiting.store(false, std::memory_order_relaxed);
     close(shared_->conns.fd(c->id));
     shared_->conns.Release(c->id);
     closed_.Add();
@@ -316,6 +418,9 @@ void SendStage::ExtraStats(StatsSink& sink) const {
   sink.Value("responses_dropped_total", static_cast<double>(dropped_.Get()));
   sink.Value("connections_closed_total", static_cast<double>(closed_.Get()));
   sink.Value("continues_total", static_cast<double>(continues_.Get()));
+  sink.Value("body_chunks_written_total", static_cast<double>(chunks_written_.Get()));
+  sink.Value("body_chunks_dropped_total", static_cast<double>(chunks_dropped_.Get()));
+  sink.Value("streams_aborted_total", static_cast<double>(streams_aborted_.Get()));
   sink.Histogram("request_seconds", latency_ns_);
 }
 

@@ -45,6 +45,11 @@ def _run_coroutine(coro):
     loop = getattr(_lane, "loop", None)
     if loop is None:
         loop = _lane.loop = asyncio.new_event_loop()
+    # A python lane's own loop is this thread's running loop (handlers run as its tasks); a
+    # hook or plugin method run to completion here steps aside from it for the while.
+    running = asyncio.events._get_running_loop()
+    if running is not None:
+        asyncio.events._set_running_loop(None)
     task = loop.create_task(coro)
     try:
         return loop.run_until_complete(task)
@@ -55,6 +60,8 @@ def _run_coroutine(coro):
                 loop.run_until_complete(task)
             except BaseException:  # noqa: B036  the first exception is the one that counts
                 pass
+        if running is not None:
+            asyncio.events._set_running_loop(running)
 
 
 def sync_callable(fn):
@@ -80,6 +87,21 @@ def sync_plugin(plugin):
     return plugin
 
 
+def detect_interface(obj):
+    """(interface, why) for python.interface: auto. A metronome.App is itself; an `async def`
+    callable, or an object whose __call__ is `async def`, is ASGI; any other callable is WSGI."""
+    if isinstance(obj, App):
+        return "metronome", "a metronome.App"
+    if inspect.iscoroutinefunction(obj):
+        return "asgi", f"an async def callable ({type(obj).__name__})"
+    call = getattr(obj, "__call__", None)
+    if call is not None and not inspect.isfunction(obj) and inspect.iscoroutinefunction(call):
+        return "asgi", f"a {type(obj).__module__}.{type(obj).__qualname__} with an async __call__"
+    if callable(obj):
+        return "wsgi", f"a callable that is not async ({type(obj).__module__}.{type(obj).__qualname__})"
+    return None, f"a {type(obj).__name__}, which is not callable"
+
+
 class App:
     """Collects routes and hooks.
 
@@ -91,8 +113,8 @@ class App:
         @app.route("/things", methods=["GET", "POST"], cpu_budget="200ms", heavy=True)
         def things(req): ...
 
-    Handlers may be `async def`: each python lane runs them to completion on its own event
-    loop (an `await` holds up that lane only, as a blocking call would).
+    Handlers may be `async def`: each python lane runs them as tasks on its own event loop, so
+    a handler that awaits lets the lane serve others meanwhile.
     Path parameters: {name} (one segment, str), {name:int} (int), {name:path} (the rest).
     Per-route budgets: cpu_budget (seconds or "50ms"), memory_budget (bytes or "64MiB");
     heavy=True marks a route as heavy (see the budgets in README).
@@ -119,8 +141,10 @@ class App:
         }
 
         def register(fn):
+            # An `async def` handler stays one: the server runs its coroutine as a task on the
+            # lane's event loop (concurrent with the lane's other tasks).
             for m in methods:
-                self._routes.append((m, path, sync_callable(fn), options))
+                self._routes.append((m, path, fn, options))
             return fn
 
         return register

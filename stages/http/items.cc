@@ -15,8 +15,9 @@ void Response::Reset() {
   retry_after_s = 0;
   budget = {};
   close = false;
-  chunked = false;
-  body_parts.clear();
+  framing = Framing::kLength;
+  declared_length = -1;
+  stream_source = nullptr;
 }
 
 void Request::Reset() {
@@ -29,6 +30,8 @@ void Request::Reset() {
   head.keep_alive = true;
   head.body_kind = BodyKind::kNone;
   head_buf.clear();
+  path = {};
+  path_buf.clear();
   body.clear();
   chunked.Reset();
   body_complete = false;
@@ -39,10 +42,27 @@ void Request::Reset() {
   responded = false;
   py_request = nullptr;
   plugins_seen = 0;
+  part = 0;
+  ends = true;
   next_out = nullptr;
   wire.clear();
   iov_count = 0;
   wire_total = 0;
+}
+
+void BodyChunk::Reset() {
+  seq = 0;
+  part = 0;
+  ends = false;
+  next_out = nullptr;
+  wire.clear();
+  iov_count = 0;
+  wire_total = 0;
+  data.clear();
+  framing = Framing::kChunked;
+  last = abort = false;
+  request = nullptr;
+  producer = nullptr;
 }
 
 void RequestPool::Init(size_t n, const Limits& limits, size_t reserve_bytes) {

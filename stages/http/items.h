@@ -6,6 +6,10 @@
 //   Request     parse -> route -> [python] -> serialize -> send
 //                                      from RequestPool; carries the request, then its response,
 //                                      then its wire bytes. Send returns it to the pool.
+//   BodyChunk   python -> serialize -> send
+//                                      from ChunkPool (stream.h): one piece of a streamed
+//                                      response body, after its Request (the head). The last
+//                                      piece of a stream is its terminal chunk (last or abort).
 //   ConnEvent   accept/parse -> send   one of each kind per connection slot (preallocated):
 //                 kOpened    accept -> parse only: starts the first-request timer.
 //                 kClosed    the read side ended (EOF, error, or our shutdown); parse stamps
@@ -27,13 +31,14 @@
 
 #include "runtime/item.h"
 #include "runtime/outbox.h"
+#include "runtime/waker.h"
 #include "runtime/queue.h"
 #include "stages/http/conn.h"
 #include "stages/http/parser.h"
 
 namespace metronome::http {
 
-enum class Kind : uint8_t { kRecv, kRequest, kOpened, kClosed, kShutdown, kContinue };
+enum class Kind : uint8_t { kRecv, kRequest, kChunk, kOpened, kClosed, kShutdown, kContinue };
 
 struct HttpItem : Item {
   explicit HttpItem(Kind k) : kind(k) {}
@@ -71,6 +76,29 @@ struct ExtraHeader {
   std::string name, value;
 };
 
+// How a response body is delimited on the wire (RFC 9112 6.3). The server chooses; a handler
+// only declares a length (a Content-Length field) for a streamed body.
+enum class Framing : uint8_t {
+  kLength,      // Content-Length: the body is known whole (every non-streamed response)
+  kChunked,     // Transfer-Encoding: chunked (a stream on HTTP/1.1)
+  kDeclared,    // Content-Length the app declared for a stream: exactly that many bytes follow
+  kUntilClose,  // neither: the body ends when the connection closes (a stream on HTTP/1.0)
+};
+
+// What send writes for one response, in order per connection: a Request (head, plus the body
+// when not streamed) and, for a stream, its BodyChunks. Ordered by (seq, part).
+struct WirePiece : HttpItem {
+  explicit WirePiece(Kind k) : HttpItem(k) {}
+  uint32_t seq = 0;             // this connection's request number: responses leave in this order
+  uint32_t part = 0;            // 0: the head (a Request); 1.. the body chunks of a stream
+  bool ends = true;             // the response is complete after this piece
+  WirePiece* next_out = nullptr;  // send's per-connection list, sorted by (seq, part)
+  std::string wire;             // serialize's output
+  iovec iov[2] = {};            // what send writes: wire, then (a large body) in place
+  int iov_count = 0;
+  size_t wire_total = 0;
+};
+
 // What serialize turns into bytes. Filled by route (native routes, errors) or python.
 struct Response {
   int status = 200;
@@ -83,8 +111,13 @@ struct Response {
   int retry_after_s = 0;             // 503 from overload: the Retry-After field
   std::string_view budget;           // 503 from a request budget: "cpu" or "memory"
   bool close = false;                // end the connection after this response
-  bool chunked = false;              // body_parts are sent with chunked framing
-  std::vector<std::string> body_parts;
+  // A streamed body (Framing other than kLength): `body` is empty and BodyChunks follow.
+  Framing framing = Framing::kLength;
+  int64_t declared_length = -1;      // kDeclared: the Content-Length the app set
+  // While the python stage holds the request: the Python iterator the stream comes from (a
+  // PyObject*, owned by the python stage; never leaves it).
+  void* stream_source = nullptr;
+  bool streaming() const { return framing != Framing::kLength; }
 
   void Reset();
   // 503 for overload (a full queue ahead): the client may retry after `retry_after_s`.
@@ -101,14 +134,15 @@ struct Response {
   }
 };
 
-struct Request : HttpItem {
-  explicit Request(const Limits& limits) : HttpItem(Kind::kRequest), chunked(limits) {}
+struct Request : WirePiece {
+  explicit Request(const Limits& limits) : WirePiece(Kind::kRequest), chunked(limits) {}
   void Reset();
 
-  uint32_t seq = 0;             // this connection's request number: responses leave in this order
   int64_t head_done_ns = 0;     // when the head was complete
-  RequestHead head;             // views into head_buf
+  RequestHead head;             // views into head_buf (path: into path_buf when normalised)
   std::string head_buf;
+  std::string_view path;        // the path routing and the app see: head.path normalised (path.h)
+  std::string path_buf;         // ... when it differs from the raw one
   std::string body;
   ChunkedDecoder chunked;
   bool body_complete = false;
@@ -125,12 +159,22 @@ struct Request : HttpItem {
   // sees it (a plugin or the python stage) and released, under the GIL, by the last.
   void* py_request = nullptr;
   uint32_t plugins_seen = 0;    // bit i: plugin i ran on_request (python calls on_response)
+};
 
-  Request* next_out = nullptr;  // send's per-connection list of responses waiting their turn
-  std::string wire;             // status line + fields (+ body when small): serialize's output
-  iovec iov[2] = {};            // what send writes: wire, then a large body in place
-  int iov_count = 0;
-  size_t wire_total = 0;
+// One piece of a streamed body. The producer (a python lane) fills `data`; serialize frames it
+// into `wire`; send writes it and gives it back to the pool.
+struct BodyChunk : WirePiece {
+  BodyChunk() : WirePiece(Kind::kChunk) {}
+  void Reset();
+  std::string data;             // the app's bytes (empty in a terminal chunk)
+  Framing framing = Framing::kChunked;  // the stream's, copied by the producer
+  bool last = false;            // terminal: the body ended as it should
+  bool abort = false;           // terminal: the body is cut short; the connection must close
+  // Terminal chunks: the stream's head, which send keeps until this chunk retires it (the
+  // producer never touches it after emitting it; it is an identity only).
+  Request* request = nullptr;
+  Waker* producer = nullptr;    // the producing lane's, woken when backpressure eases
+  bool terminal() const { return last || abort; }
 };
 
 // Fixed pool of requests, allocated at start. Parse takes; send gives back (parse too, for a
@@ -153,6 +197,11 @@ class RequestPool {
   std::unique_ptr<moodycamel::ConsumerToken> take_token_;
   std::atomic<size_t> in_use_{0};
 };
+
+// 1xx, 204 and 304 responses have no body and no Content-Length (RFC 9110 6.4.1).
+inline bool StatusHasNoBody(int status) { return status < 200 || status == 204 || status == 304; }
+// Whether r's response puts body bytes on the wire (not for HEAD or a bodiless status).
+inline bool ResponseHasBody(const Request& r) { return !r.is_head && !StatusHasNoBody(r.resp.status); }
 
 // Answers r now: its response (already filled) is final and it skips ahead to serialize, past
 // any stage in between. Every early answer (errors, sheds, plugins) goes through here.

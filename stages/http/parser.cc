@@ -26,6 +26,8 @@
 //   trailer section (fields and the final CRLF) <= max_header_bytes, 431 past it (as for heads).
 #include "stages/http/parser.h"
 
+#include <cassert>
+
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -666,6 +668,12 @@ ParseStatus ParseRequestHead(const char* buf, size_t len, size_t prev_len, const
     out->keep_alive = false;
     return ParseStatus::kError;
   }
+  // What every later stage relies on: a method, a target within the head, a version 1.x, and a
+  // head within the limit that was given.
+  assert(!out->method.empty() && !out->target.empty() && "a complete head has a request line");
+  assert(out->target.data() >= buf && out->target.data() + out->target.size() <= buf + end);
+  assert((out->version_minor == 0 || out->version_minor == 1) && out->num_headers <= limits.max_header_count);
+  assert(out->body_kind != BodyKind::kContentLength || out->content_length <= limits.max_body_bytes);
   *consumed = end;
   return ParseStatus::kComplete;
 }

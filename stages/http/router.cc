@@ -1,5 +1,6 @@
 #include "stages/http/router.h"
 
+#include <cassert>
 #include <charconv>
 
 #include "absl/strings/str_cat.h"
@@ -187,6 +188,12 @@ Router::Result Router::Find(Method method, std::string_view path, Request* r,
   if (t < 0) {
     *allow = n.allow;
     return Result::kMethodNotAllowed;
+  }
+  // Every parameter of the match is a view into `path`, and its count fits the request.
+  assert(r->num_params >= 0 && r->num_params <= kPathParamsMax);
+  for (int i = 0; i < r->num_params; ++i) {
+    assert(r->params[i].value.data() >= path.data() &&
+           r->params[i].value.data() + r->params[i].value.size() <= path.data() + path.size());
   }
   *target = t;
   return Result::kFound;

@@ -45,9 +45,13 @@ HttpConfig ReadHttpConfig(ConfigNode root) {
   c.recv_buffer_bytes = static_cast<uint32_t>(server.SizeBytes("recv_buffer_size", c.recv_buffer_bytes, 512, 1 << 20));
   c.keepalive_timeout_ns = server.DurationNs("keepalive_timeout", c.keepalive_timeout_ns, kNanosPerMilli, 3600 * kNanosPerSecond);
   c.linger_timeout_ns = server.DurationNs("linger_timeout", c.linger_timeout_ns, 0, 60 * kNanosPerSecond);
+  c.drain_grace_ns = server.DurationNs("drain_grace", c.drain_grace_ns, 0, 600 * kNanosPerSecond);
   c.retry_after_s = static_cast<int>(server.DurationNs("retry_after", c.retry_after_s * kNanosPerSecond, kNanosPerSecond, 3600 * kNanosPerSecond) / kNanosPerSecond);
   c.server_name = server.String("name", c.server_name);
   c.access_log = server.String("access_log", c.access_log);
+  c.stream_buffer_bytes = static_cast<int64_t>(server.SizeBytes("stream_buffer_size", static_cast<uint64_t>(c.stream_buffer_bytes), 1024, 1ull << 30));
+  c.stream_chunks = static_cast<uint32_t>(server.Int("stream_chunks", c.stream_chunks, 16, 1 << 20));
+  c.stream_stall_timeout_ns = server.DurationNs("stream_stall_timeout", c.stream_stall_timeout_ns, kNanosPerMilli, 3600 * kNanosPerSecond);
 
   ConfigNode limits = root.Map("limits");
   c.limits.max_request_line_bytes = limits.SizeBytes("max_request_line", c.limits.max_request_line_bytes, 64, 1 << 20);
@@ -73,6 +77,8 @@ void HttpShared::Setup(const HttpConfig& config) {
   shutdown_events.assign(config.max_connections, ConnEvent(Kind::kShutdown));
   continue_events.assign(config.max_connections, ConnEvent(Kind::kContinue));
   chunks.resize(config.recv_buffers);
+  body_chunks.Init(config.stream_chunks);
+  flows = std::make_unique<StreamFlow[]>(config.max_connections);
   ready_ = true;
 }
 

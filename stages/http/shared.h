@@ -19,6 +19,7 @@
 #include "stages/http/conn.h"
 #include "stages/http/items.h"
 #include "stages/http/parser.h"
+#include "stages/http/stream.h"
 
 struct io_uring_buf_ring;
 
@@ -36,9 +37,14 @@ struct HttpConfig {
   uint32_t recv_buffer_bytes = 8192;
   int64_t keepalive_timeout_ns = 5'000'000'000;
   int64_t linger_timeout_ns = 2'000'000'000;
+  int64_t drain_grace_ns = 1'000'000'000;     // an idle connection stays this long into a drain
   int retry_after_s = 1;
   std::string server_name = "metronome";
   std::string access_log;              // "" off, "-" stderr, else a file path (appended)
+  // Streamed responses (stream.h):
+  int64_t stream_buffer_bytes = 256 * 1024;       // per connection, waiting for the client
+  uint32_t stream_chunks = 4096;                  // the chunk pool, shared by every stream
+  int64_t stream_stall_timeout_ns = 30'000'000'000;  // a stream that cannot move this long is cut
   // limits:
   Limits limits;
   int64_t header_timeout_ns = 10'000'000'000;
@@ -57,6 +63,8 @@ class HttpShared {
 
   ConnectionTable conns;
   RequestPool requests;
+  ChunkPool body_chunks;
+  std::unique_ptr<StreamFlow[]> flows;  // per slot
   // Per slot, one of each event kind (items.h).
   std::vector<ConnEvent> opened_events;
   std::vector<ConnEvent> closed_events;

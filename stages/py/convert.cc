@@ -1,5 +1,8 @@
 #include "stages/py/convert.h"
 
+#include <atomic>
+
+#include "stages/http/fields.h"
 #include "stages/py/json.h"
 #include "stages/py/module.h"
 
@@ -9,6 +12,8 @@ namespace {
 constexpr std::string_view kJson = "application/json";
 constexpr std::string_view kText = "text/plain; charset=utf-8";
 constexpr std::string_view kBytes = "application/octet-stream";
+
+std::atomic<uint64_t> g_server_owned_dropped{0};
 
 bool Str(PyObject* o, std::string* out) {
   Py_ssize_t n;
@@ -56,28 +61,13 @@ bool SetBody(PyObject* body, http::Response* resp, bool have_type) {
     return true;
   }
   if (PyIter_Check(body) || PyGen_Check(body)) {
-    // Streamed: every part is collected now (the server holds no Python object past the
-    // handler) and sent with chunked framing.
-    resp->chunked = true;
-    resp->body_parts.clear();
-    PyObject* item;
-    while ((item = PyIter_Next(body)) != nullptr) {
-      std::string part;
-      bool ok = true;
-      if (PyUnicode_Check(item)) {
-        ok = Str(item, &part);
-      } else if (PyBytes_Check(item)) {
-        part.assign(PyBytes_AS_STRING(item), static_cast<size_t>(PyBytes_GET_SIZE(item)));
-      } else {
-        PyErr_Format(PyExc_TypeError, "a streamed body yields str or bytes, not %s", Py_TYPE(item)->tp_name);
-        ok = false;
-      }
-      Py_DECREF(item);
-      if (!ok) return false;
-      resp->body_parts.push_back(std::move(part));
-    }
-    if (PyErr_Occurred()) return false;
-    type(kText);
+    // Streamed: the python stage steps the iterator as the client takes the bytes (its first
+    // item decides the content type when none was given). Nothing is consumed here, so a
+    // plugin's on_response sees the iterator itself.
+    Py_INCREF(body);
+    resp->stream_source = body;
+    resp->framing = http::Framing::kChunked;
+    resp->body = {};
     return true;
   }
   PyErr_Format(PyExc_TypeError,
@@ -96,6 +86,66 @@ bool SetStatus(PyObject* status, http::Response* resp) {
   resp->status = static_cast<int>(s);
   return true;
 }
+
+}  // namespace
+
+bool AddField(http::ExtraHeader h, http::Response* resp) {
+  const http::FieldCheck check = http::CheckResponseField(h.name, h.value);
+  switch (check.rule) {
+    case http::FieldRule::kInvalid:
+      PyErr_Format(PyExc_ValueError, "response field '%.100s': %s", h.name.c_str(), check.why);
+      return false;
+    case http::FieldRule::kContentLength:
+      if (resp->declared_length >= 0 && resp->declared_length != check.content_length) {
+        PyErr_Format(PyExc_ValueError, "two different Content-Length fields (%lld and %lld)",
+                     static_cast<long long>(resp->declared_length), static_cast<long long>(check.content_length));
+        return false;
+      }
+      resp->declared_length = check.content_length;
+      return true;
+    case http::FieldRule::kConnection:
+      if (check.close) resp->close = true;
+      return true;
+    case http::FieldRule::kServerOwned:
+      g_server_owned_dropped.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    case http::FieldRule::kKeep:
+      break;
+  }
+  // A Content-Type field sets the content type (serialize writes it once).
+  if (h.name.size() == 12 && strncasecmp(h.name.c_str(), "content-type", 12) == 0) {
+    resp->content_type_storage = std::move(h.value);
+    resp->content_type = resp->content_type_storage;
+  } else {
+    resp->headers.push_back(std::move(h));
+  }
+  return true;
+}
+
+bool SettleFraming(http::Response* resp) {
+  if (resp->declared_length < 0) return true;
+  if (resp->streaming()) {
+    resp->framing = http::Framing::kDeclared;
+    return true;
+  }
+  if (static_cast<uint64_t>(resp->declared_length) != resp->body.size()) {
+    PyErr_Format(PyExc_ValueError, "the response declares Content-Length %lld but its body has %zu bytes",
+                 static_cast<long long>(resp->declared_length), resp->body.size());
+    return false;
+  }
+  return true;
+}
+
+void DropStreamSource(http::Response* resp) {
+  if (resp->stream_source == nullptr) return;
+  Py_DECREF(static_cast<PyObject*>(resp->stream_source));
+  resp->stream_source = nullptr;
+  resp->framing = http::Framing::kLength;
+}
+
+uint64_t ServerOwnedFieldsDropped() { return g_server_owned_dropped.load(std::memory_order_relaxed); }
+
+namespace {
 
 // headers: a dict, a metronome.Headers, or an iterable of (name, value) pairs.
 bool SetHeaders(PyObject* headers, http::Response* resp) {
@@ -123,13 +173,7 @@ bool SetHeaders(PyObject* headers, http::Response* resp) {
     }
     Py_DECREF(pair);
     if (!ok) break;
-    // A Content-Type field sets the content type (serialize writes it once).
-    if (h.name.size() == 12 && strncasecmp(h.name.c_str(), "content-type", 12) == 0) {
-      resp->content_type_storage = h.value;
-      resp->content_type = resp->content_type_storage;
-    } else {
-      resp->headers.push_back(std::move(h));
-    }
+    ok = AddField(std::move(h), resp);
   }
   Py_DECREF(it);
   return ok && !PyErr_Occurred();
@@ -166,7 +210,9 @@ bool FromResponseObject(PyObject* r, http::Response* resp) {
 
 }  // namespace
 
-bool ResultToResponse(PyObject* result, http::Response* resp) {
+namespace {
+
+bool Convert(PyObject* result, http::Response* resp) {
   const Helpers& h = GetHelpers();
   if (h.response != nullptr && PyObject_TypeCheck(result, reinterpret_cast<PyTypeObject*>(h.response))) {
     return FromResponseObject(result, resp);
@@ -182,6 +228,14 @@ bool ResultToResponse(PyObject* result, http::Response* resp) {
     return true;
   }
   return SetBody(result, resp, false);
+}
+
+}  // namespace
+
+bool ResultToResponse(PyObject* result, http::Response* resp) {
+  if (Convert(result, resp) && SettleFraming(resp)) return true;
+  DropStreamSource(resp);
+  return false;
 }
 
 bool HttpErrorToResponse(http::Response* resp) {
@@ -240,15 +294,26 @@ PyObject* ResponseToPython(const http::Response& resp) {
     return nullptr;
   }
   PyObject* body;
-  if (resp.chunked) {
-    std::string all;
-    for (const auto& p : resp.body_parts) all += p;
-    body = PyBytes_FromStringAndSize(all.data(), static_cast<Py_ssize_t>(all.size()));
+  if (resp.stream_source != nullptr) {
+    body = static_cast<PyObject*>(resp.stream_source);  // the iterator itself: nothing is consumed
+    Py_INCREF(body);
   } else {
     body = PyBytes_FromStringAndSize(resp.body.data(), static_cast<Py_ssize_t>(resp.body.size()));
   }
   if (body == nullptr) return nullptr;
   PyObject* headers = PyList_New(0);
+  // What the conversion took out of the fields goes back in, so that a round trip through a
+  // plugin keeps it.
+  if (resp.framing == http::Framing::kDeclared) {
+    PyObject* t = Py_BuildValue("(sL)", "Content-Length", static_cast<long long>(resp.declared_length));
+    if (t != nullptr) PyList_Append(headers, t);
+    Py_XDECREF(t);
+  }
+  if (resp.close) {
+    PyObject* t = Py_BuildValue("(ss)", "Connection", "close");
+    if (t != nullptr) PyList_Append(headers, t);
+    Py_XDECREF(t);
+  }
   for (const auto& f : resp.headers) {
     PyObject* t = Py_BuildValue("(ss)", f.name.c_str(), f.value.c_str());
     if (t == nullptr || PyList_Append(headers, t) < 0) {

@@ -1,5 +1,7 @@
 #include "stages/py/module.h"
 
+#include "runtime/log.h"
+
 #include <arpa/inet.h>
 
 #include <string>
@@ -9,15 +11,8 @@
 
 namespace metronome::py {
 namespace {
-
-Helpers g_helpers;
-
-int HexValue(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
+int HexValue(char c);
+}  // namespace
 
 // Decodes %XX (and '+' as space when `plus`) into *out.
 void Unescape(const char* s, size_t n, bool plus, std::string* out) {
@@ -36,6 +31,32 @@ void Unescape(const char* s, size_t n, bool plus, std::string* out) {
     }
     out->push_back(plus && c == '+' ? ' ' : c);
   }
+}
+
+PyObject* PeerTuple(const sockaddr_storage& peer) {
+  char host[INET6_ADDRSTRLEN] = "";
+  int port = 0;
+  if (peer.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&peer);
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+    port = ntohs(a->sin_port);
+  } else if (peer.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&peer);
+    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+    port = ntohs(a->sin6_port);
+  }
+  return Py_BuildValue("(si)", host, port);
+}
+
+namespace {
+
+Helpers g_helpers;
+
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
 }
 
 PyObject* Utf8(const std::string& s) {
@@ -86,8 +107,10 @@ PyObject* Make(RequestObject* self, int field) {
       return Latin1(h.method);
     }
     case kPath: {
+      // The normalised path (stages/http/path.h), fully decoded.
       std::string s;
-      Unescape(h.path.data(), h.path.size(), false, &s);
+      const std::string_view p = r->path.data() != nullptr ? r->path : h.path;
+      Unescape(p.data(), p.size(), false, &s);
       return Utf8(s);
     }
     case kRawPath: return Latin1(h.path);
@@ -121,21 +144,7 @@ PyObject* Make(RequestObject* self, int field) {
       return hd;
     }
     case kBody: return PyBytes_FromStringAndSize(r->body.data(), static_cast<Py_ssize_t>(r->body.size()));
-    case kClient: {
-      const sockaddr_storage& peer = self->shared->conns.peer(r->conn);
-      char host[INET6_ADDRSTRLEN] = "";
-      int port = 0;
-      if (peer.ss_family == AF_INET) {
-        const auto* a = reinterpret_cast<const sockaddr_in*>(&peer);
-        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
-        port = ntohs(a->sin_port);
-      } else if (peer.ss_family == AF_INET6) {
-        const auto* a = reinterpret_cast<const sockaddr_in6*>(&peer);
-        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
-        port = ntohs(a->sin6_port);
-      }
-      return Py_BuildValue("(si)", host, port);
-    }
+    case kClient: return PeerTuple(self->shared->conns.peer(r->conn));
     case kParams: {
       PyObject* d = PyDict_New();
       if (d == nullptr) return nullptr;
@@ -335,7 +344,18 @@ PyObject* ParseQs(PyObject*, PyObject* arg) {
   return ParseUrlEncoded(s, static_cast<size_t>(len));
 }
 
+// log(level, message): a line in the server's log; level as Python's logging numbers.
+PyObject* LogLine(PyObject*, PyObject* args) {
+  int level;
+  const char* message;
+  if (!PyArg_ParseTuple(args, "is:log", &level, &message)) return nullptr;
+  LogLevel l = level >= 40 ? LogLevel::kError : level >= 30 ? LogLevel::kWarn : level >= 20 ? LogLevel::kInfo : LogLevel::kDebug;
+  Log(l, "%s", message);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef kModuleMethods[] = {
+    {"log", LogLine, METH_VARARGS, "log(level, message): a line in the server's log (level: logging.INFO etc.)."},
     {"json_loads", JsonLoads, METH_O, "Parses JSON (str or bytes) with simdjson; ValueError if invalid."},
     {"json_dumps", JsonDumps, METH_O, "Encodes to compact JSON bytes, in C++."},
     {"parse_qs", ParseQs, METH_O, "Parses an urlencoded string into a list of (name, value) pairs."},

@@ -17,6 +17,8 @@
 
 #include <Python.h>
 
+#include <string>
+
 #include "stages/http/items.h"
 #include "stages/http/shared.h"
 
@@ -49,5 +51,9 @@ void ReleaseRequestObject(http::Request* r);
 PyObject* ParseUrlEncoded(const char* data, size_t len);
 // Decodes %XX escapes in a path segment (UTF-8, invalid sequences replaced).
 PyObject* DecodePercent(const char* data, size_t len);
+// Decodes %XX (and '+' as a space when `plus`) into *out, bytes as they are.
+void Unescape(const char* s, size_t n, bool plus, std::string* out);
+// The peer of a connection as (host, port), e.g. ("127.0.0.1", 50412). New reference.
+PyObject* PeerTuple(const sockaddr_storage& peer);
 
 }  // namespace metronome::py

@@ -212,9 +212,21 @@ class Reader:
                 body += self.read_exact(size)
                 assert self.read_exact(2) == b"\r\n"
             resp.body = body
+        elif resp.header("content-length") is not None:
+            resp.body = self.read_exact(int(resp.header("content-length")))
         else:
-            resp.body = self.read_exact(int(resp.header("content-length", "0")))
+            # Neither framing field: the body ends when the server closes (RFC 9112 6.3).
+            assert resp.header("connection") == "close", head
+            resp.body = self.read_to_eof()
         return resp
+
+    def read_to_eof(self):
+        data, self.buf = self.buf, b""
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
 
     def closed(self, timeout=5):
         """True if the server closes the connection (EOF) within `timeout` with nothing more.

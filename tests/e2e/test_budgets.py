@@ -125,14 +125,20 @@ class CpuBudget(unittest.TestCase):
             self.assertEqual(get(srv, "/hog-light?ms=5")[0].status, 200)  # no second exception left over
 
     def test_async_handlers(self):
-        # An `async def` handler: awaiting (the lane's event loop in select) or burning CPU, on the
-        # main lane and on the heavy one, it is stopped like a plain one and its `finally` runs.
+        # An `async def` handler is a task on its lane's loop: its budget is the CPU time of its
+        # own steps. Burning CPU, on the main lane and on the heavy one, it is stopped like a
+        # plain one; awaiting costs no budget, and python.budget.hard (300ms here) ends a wait
+        # that lasts too long. Its `finally` runs either way.
         with Server(budget_config(lanes=HEAVY_LANE)) as srv:
-            for path in ("/async-sleep?s=2", "/async-hog-light?ms=1000", "/async-hog?ms=1000"):
+            for path in ("/async-hog-light?ms=1000", "/async-hog?ms=1000"):
                 r, elapsed = get(srv, path)
                 self.assertEqual((r.status, r.header("metronome-budget")), (503, "cpu"), path)
                 self.assertLess(elapsed, 0.5, path)
-            self.assertEqual(json.loads(get(srv, "/cleanups")[0].body), {"cleanups": 1})
+            r, elapsed = get(srv, "/async-sleep?s=2")
+            self.assertEqual((r.status, r.header("metronome-budget")), (503, "hard"))
+            self.assertLess(elapsed, 1.5)
+            self.assertEqual(get(srv, "/async-sleep?s=0.1")[0].status, 200)  # 100 ms of waiting: free
+            self.assertEqual(json.loads(get(srv, "/cleanups")[0].body), {"cleanups": 2})
             self.assertEqual(get(srv, "/async-hog-light?ms=5")[0].status, 200)
             self.assertEqual(get(srv, "/async-hog?ms=5")[0].status, 200)
 

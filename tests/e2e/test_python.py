@@ -101,6 +101,39 @@ class ExampleAppTest(PythonServerTest):
     def test_plaintext(self):
         self.assertResponse(self.get("/plaintext"), 200, b"Hello, World!", TEXT)
 
+    def test_percent_encoded_unreserved_characters_route_like_their_letters(self):
+        # RFC 3986 6.2.2.2: /%70lain%74ext is /plaintext.
+        self.assertResponse(self.get("/%70lain%74ext"), 200, b"Hello, World!", TEXT)
+        self.assertResponse(self.get("/hello/%4Aane"), 200, b"Hello, Jane!", TEXT)
+        # Reserved characters stay encoded until the handler decodes its parameter: %2F does
+        # not split a segment, so {name} takes "a/b" whole.
+        self.assertResponse(self.get("/hello/a%2Fb"), 200, b"Hello, a/b!", TEXT)
+
+    def test_dot_segments_never_reach_a_handler(self):
+        # Encoded dots are dots: the path is normalised before routing (RFC 3986 5.2.4), so
+        # /files/%2e%2e/%2e%2e/etc/passwd is /etc/passwd, which no route serves.
+        self.assertEqual(self.get("/files/%2e%2e/%2e%2e/etc/passwd").status, 404)
+        self.assertJson(self.get("/files/a/./b/../c"), {"path": "a/c"})
+        self.assertJson(self.get("/files/a/%2e/b/%2E%2E/c"), {"path": "a/c"})
+        # A ".." hidden behind an encoded slash would appear when the parameter is decoded:
+        # refused rather than handed over.
+        for path in ("/files/..%2F..%2Fetc%2Fpasswd", "/hello/..%2F..", "/files/x/%2e%2e%2Fy"):
+            with self.subTest(path=path):
+                resp = self.get(path)
+                self.assertEqual(resp.status, 400, resp)
+                self.assertNotIn(b"etc", resp.body)
+
+    def test_encoded_nul_in_the_path_is_400_like_a_raw_one(self):
+        s, reader = self.connect()
+        s.sendall(request("GET", "/hello/a%00b"))
+        resp = reader.read_response()
+        self.assertEqual(resp.status, 400)
+        self.assertIn(b"NUL", resp.body)
+        self.assertTrue(reader.closed())
+
+    def test_a_path_param_is_decoded_for_the_handler_after_normalisation(self):
+        self.assertJson(self.get("/files/%2e/x%2Fy"), {"path": "x/y"})
+
     def test_json(self):
         self.assertResponse(self.get("/json"), 200, b'{"message":"Hello, World!"}', "application/json")
 
@@ -214,10 +247,12 @@ class ExampleAppTest(PythonServerTest):
         self.assertIsNone(resp.header("content-length"))
         self.assertEqual(resp.header("content-type"), TEXT)
         self.assertEqual(resp.body, b"part 0\npart 1\npart 2\n")
-        # HTTP/1.0 has no chunked framing: one body with a Content-Length.
+        # HTTP/1.0 has no chunked framing: the body ends when the server closes the connection.
         resp = self.get("/stream", version="HTTP/1.0")
         self.assertIsNone(resp.header("transfer-encoding"))
-        self.assertResponse(resp, 200, b"part 0\npart 1\npart 2\n")
+        self.assertIsNone(resp.header("content-length"))
+        self.assertEqual(resp.header("connection"), "close")
+        self.assertEqual(resp.body, b"part 0\npart 1\npart 2\n")
 
     def test_started(self):
         self.assertJson(self.get("/started"), {"startup_hooks_ran": 1})
@@ -327,7 +362,7 @@ class ConventionsTest(PythonServerTest):
         self.assertResponse(reader.read_response(), 200, "plain text é".encode())
 
     def test_invalid_results_are_500(self):
-        for path in ("/conv/unsupported", "/conv/bad-status", "/conv/nan", "/conv/bad-stream", "/err/bad-status"):
+        for path in ("/conv/unsupported", "/conv/bad-status", "/conv/nan", "/conv/bad-stream-first", "/err/bad-status"):
             with self.subTest(path=path):
                 s, reader = self.connect()
                 s.sendall(request("GET", path) + request("GET", "/conv/str"))
@@ -398,15 +433,30 @@ class ConventionsTest(PythonServerTest):
                                "agent": "keeper", "params": {"id": 7}, "text": body.decode(),
                                "json": {"kept": [1, 2]}, "same": True})
 
-    def test_response_header_injection_is_dropped(self):
+    def test_response_header_injection_is_500(self):
+        # A field with CR/LF (or an invalid name) from the app is a 500 and a log line, never a
+        # split response; the connection goes on.
         s, reader = self.connect()
         s.sendall(request("GET", "/conv/header-injection") + request("GET", "/conv/str"))
         resp = reader.read_response()
-        self.assertResponse(resp, 200, b"x")
+        self.assertResponse(resp, 500, INTERNAL_ERROR, TEXT)
         self.assertIsNone(resp.header("x-injected"), resp.raw_head)
-        self.assertIsNone(resp.header("x-bad"))
-        self.assertEqual(resp.header("x-good"), "ok")
+        self.assertIsNone(resp.header("x-good"))
         self.assertResponse(reader.read_response(), 200, "plain text é".encode())
+        self.assertIn("response field", self.server.read_log())
+
+    def test_stream_failing_midway_is_cut_not_completed(self):
+        # The head and the first part were sent when the generator raised: the response cannot
+        # become a 500 any more, so the connection closes without the chunked terminator (a
+        # client sees a truncated body, never a complete one).
+        s, reader = self.connect()
+        s.sendall(request("GET", "/conv/bad-stream") + request("GET", "/conv/str"))
+        head = reader.read_until(b"\r\n\r\n")
+        self.assertIn(b"200 OK", head)
+        self.assertIn(b"transfer-encoding: chunked", head.lower())
+        rest = reader.read_to_eof()
+        self.assertEqual(rest, b"3\r\nok\n\r\n")  # the part, no "0\r\n\r\n", and nothing after
+        self.assertIn("stream cut", self.server.read_log())
 
     def test_content_type_injection_from_response_object_is_refused(self):
         # A content type with CR LF must not split the head into extra fields.
@@ -503,8 +553,9 @@ class StartupFailureTest(unittest.TestCase):
                                 "RuntimeError: startup hook fails on purpose: E2E-STARTUP", "e2e_startup_fail.py")
 
     def test_not_an_app(self):
-        self.assertFailsToStart("e2e_app:kept", "is not a metronome.App")
-        self.assertFailsToStart("e2e_not_an_app:app", "did not import the metronome package")
+        # Neither a metronome.App nor a callable (WSGI) nor async (ASGI): refused with its type.
+        self.assertFailsToStart("e2e_app:kept", "is a list, which is not callable")
+        self.assertFailsToStart("e2e_not_an_app:app", "not a metronome.App, a WSGI callable or an ASGI app")
 
     def test_bad_app_spec(self):
         code, out, _ = self.run_server(python_config("e2e_app"))

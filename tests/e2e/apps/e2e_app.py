@@ -188,6 +188,14 @@ def conv_nan(req):
     return {"x": float("nan")}
 
 
+@app.get("/conv/bad-stream-first")
+def conv_bad_stream_first(req):
+    def gen():
+        raise ValueError("the stream fails before its first part")
+        yield "never"
+    return gen()
+
+
 @app.get("/conv/bad-stream")
 def conv_bad_stream(req):
     def gen():
