@@ -7,6 +7,7 @@
 #include <mutex>
 #include <thread>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,7 @@
 #include "runtime/pipeline.h"
 #include "runtime/registry.h"
 #include "runtime/signals.h"
+#include "runtime/units.h"
 #include "runtime/uring.h"
 
 namespace {
@@ -35,7 +37,8 @@ constexpr char kUsage[] =
     "                  [--listen HOST:PORT] [-c FILE]\n"
     "                                                 run an app (Flask, Django, FastAPI, ...) on\n"
     "                                                 the default config's pipeline\n"
-    "  metronome check -c FILE                        validate a config and print the pipeline\n"
+    "  metronome check -c FILE [--timeout DURATION]\n"
+    "                                                 validate a config, load its app, print the pipeline\n"
     "  metronome --version\n"
     "  metronome --help\n"
     "\n"
@@ -44,7 +47,14 @@ constexpr char kUsage[] =
     "--app overrides python.app and --interface python.interface; --path DIR puts DIR first on\n"
     "python.path (default with --app and no -c: the working directory). Without -c, --app uses\n"
     "the default config (" METRONOME_DEFAULT_CONFIG "), without its example routes.\n"
+    "check also loads the app as serve would (in a child process, without running its startup\n"
+    "hooks) and reports what serve would refuse; --timeout (default 30s) bounds that load.\n"
     "SIGINT/SIGTERM drain in-flight work and exit 0; a second signal exits at once.\n";
+
+// How long `check` waits for the stages to load (the app's import, above all) before it stops
+// the child process and reports where it hung. Imports of large apps take seconds, not tens.
+constexpr int64_t kCheckTimeoutDefaultNs = 30 * metronome::kNanosPerSecond;
+constexpr int64_t kCheckTimeoutMaxNs = 3600 * metronome::kNanosPerSecond;
 
 struct Args {
   std::string command;
@@ -55,6 +65,8 @@ struct Args {
   std::string interface;  // --interface: python.interface
   std::string path;       // --path: first on python.path
   bool config_given = false;
+  int64_t timeout_ns = kCheckTimeoutDefaultNs;
+  bool timeout_given = false;
 };
 
 int UsageError(const std::string& message) {
@@ -137,7 +149,16 @@ int Check(const Args& args) {
   metronome::admin::AdminListener admin;
   bool admin_enabled = false;
   if (int rc = LoadAndBuild(args, /*check_only=*/true, &doc, &pipeline, &admin, &admin_enabled); rc != 0) return rc;
+  // What serve would refuse at start-up, past the config: the app, its routes, the router.
+  metronome::Pipeline::CheckReport deep = pipeline->CheckDeep(args.timeout_ns);
+  if (!deep.errors.empty()) {
+    fprintf(stderr, "metronome: %s: the server would not start:\n", args.config.c_str());
+    for (const std::string& e : deep.errors) fprintf(stderr, "%s\n", e.c_str());
+    if (deep.timed_out) fprintf(stderr, "(give check more time with --timeout DURATION)\n");
+    return 1;
+  }
   printf("%s: valid\n%s", args.config.c_str(), pipeline->Describe().c_str());
+  for (const std::string& note : deep.notes) printf("%s\n", note.c_str());
   printf("admin: %s\n", admin_enabled ? "enabled" : "off (no admin: section)");
   if (AnyRing(*pipeline)) {
     absl::Status probe = metronome::ProbeIoUring(RingOps(*pipeline));
@@ -322,6 +343,14 @@ int main(int argc, char** argv) {
       args.path = av[++i];
     } else if (a.rfind("--path=", 0) == 0) {
       args.path = a.substr(7);
+    } else if ((a == "--timeout" && i + 1 < av.size()) || a.rfind("--timeout=", 0) == 0) {
+      std::string value = a == "--timeout" ? av[++i] : a.substr(10);
+      std::optional<int64_t> ns = metronome::ParseDurationNs(value);
+      if (!ns || *ns <= 0 || *ns > kCheckTimeoutMaxNs) {
+        return UsageError(absl::StrCat("--timeout: expected a duration like 30s (at most 1h), got '", value, "'"));
+      }
+      args.timeout_ns = *ns;
+      args.timeout_given = true;
     } else if (a == "--admin" && i + 1 < av.size()) {
       args.admin = av[++i];
     } else if (a.rfind("--admin=", 0) == 0) {
@@ -345,5 +374,6 @@ int main(int argc, char** argv) {
   if (!args.path.empty() && args.app.empty()) return UsageError("--path needs --app");
   if (args.config.empty() && !args.app.empty()) args.config = METRONOME_DEFAULT_CONFIG;
   if (args.config.empty()) return UsageError("missing -c FILE (or --app MODULE:ATTR)");
+  if (args.timeout_given && args.command != "check") return UsageError("--timeout applies to check only");
   return args.command == "check" ? Check(args) : Serve(args, std::vector<std::string>(argv, argv + argc));
 }

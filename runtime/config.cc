@@ -91,6 +91,16 @@ bool ConfigNode::Has(absl::string_view key) const {
   return n[std::string(key)].IsDefined();
 }
 
+int ConfigNode::LineOf(absl::string_view key) const {
+  if (!Has(key)) return line();
+  const YAML::Node& n = node_;
+  return n[std::string(key)].Mark().line + 1;
+}
+
+std::string ConfigNode::Where(absl::string_view key) const {
+  return absl::StrCat(doc_->source(), ":", LineOf(key), ": ", Child(key));
+}
+
 std::string ConfigNode::Child(absl::string_view key) const {
   return path_.empty() ? std::string(key) : absl::StrCat(path_, ".", key);
 }

@@ -74,6 +74,10 @@ class ConfigNode {
   bool Has(absl::string_view key) const;
   const std::string& path() const { return path_; }
   int line() const { return node_.Mark().line + 1; }
+  // The line of `key`'s value (this node's line when it is absent).
+  int LineOf(absl::string_view key) const;
+  // "file:line: path.key", for messages about the value found later (e.g. at start-up).
+  std::string Where(absl::string_view key) const;
   ConfigDoc* doc() const { return doc_; }
   const YAML::Node& raw() const { return node_; }
 

@@ -82,8 +82,7 @@ absl::Status Lane::Setup() {
     env.set_lane(spec_.needs_ring ? &ring_ : nullptr, &waker_,
                  static_cast<uint8_t>(i - spec_.first_stage));
     if (absl::Status s = p_->stages_[i]->Start(env); !s.ok()) {
-      return absl::Status(s.code(), absl::StrCat("stage '", p_->stage_specs_[i].name,
-                                                 "' failed to start: ", s.message()));
+      return p_->StageError(i, " failed to start", s);
     }
     started_ = i + 1;
   }

@@ -86,6 +86,7 @@ class PipelineEnv : public StageEnv {
   Ring* ring() override { return ring_; }
   Waker* lane_waker() override { return waker_; }
   bool check_only() const override { return p_->check_only_; }
+  void CheckStep(absl::string_view what) override { p_->CheckSend('W', what); }
   int64_t drain_timeout_ns() const override { return p_->options_.drain_timeout_ns; }
   uint8_t ring_tag() const override { return tag_; }
   void set_lane(Ring* ring, Waker* waker, uint8_t tag) {

@@ -150,15 +150,8 @@ std::string Pipeline::RunningSummary() const {
   return out;
 }
 
-absl::Status Pipeline::Run(const std::function<void()>& on_running) {
-  InstallSigxcpuHandler();
+std::vector<int> Pipeline::LaneStartOrder() const {
   const int n = num_lanes();
-  for (int l = 0; l < n; ++l) lanes_.push_back(std::make_unique<Lane>(this, l));
-  for (auto& lane : lanes_) lane->Wire(n);
-  for (auto& lane : lanes_) lane->WireProducers(lanes_);
-
-  // Start lanes one at a time: the main-thread lane first (it may initialise what others need,
-  // such as the interpreter), then the others in pipeline order.
   int main_lane = -1;
   for (int l = 0; l < n; ++l) {
     if (lane_specs_[l].main_thread) main_lane = l;
@@ -168,6 +161,23 @@ absl::Status Pipeline::Run(const std::function<void()>& on_running) {
   for (int l = 0; l < n; ++l) {
     if (l != main_lane) order.push_back(l);
   }
+  return order;
+}
+
+absl::Status Pipeline::StageError(int stage, absl::string_view phase, const absl::Status& s) const {
+  return absl::Status(s.code(), absl::StrCat("stage '", stage_specs_[stage].name, "'", phase, ": ", s.message()));
+}
+
+absl::Status Pipeline::Run(const std::function<void()>& on_running) {
+  InstallSigxcpuHandler();
+  const int n = num_lanes();
+  for (int l = 0; l < n; ++l) lanes_.push_back(std::make_unique<Lane>(this, l));
+  for (auto& lane : lanes_) lane->Wire(n);
+  for (auto& lane : lanes_) lane->WireProducers(lanes_);
+
+  // Start lanes one at a time, in LaneStartOrder.
+  const std::vector<int> order = LaneStartOrder();
+  const int main_lane = !order.empty() && lane_specs_[order[0]].main_thread ? order[0] : -1;
   char main_name[16] = {};
   pthread_getname_np(pthread_self(), main_name, sizeof main_name);
   absl::Status failure;
@@ -184,9 +194,7 @@ absl::Status Pipeline::Run(const std::function<void()>& on_running) {
   }
   // Connect: every stage reads what the others published in Start. The lanes wait for `go_`.
   for (int i = 0; i < num_stages() && failure.ok(); ++i) {
-    if (absl::Status s = stages_[i]->Connect(*envs_[i]); !s.ok()) {
-      failure = absl::Status(s.code(), absl::StrCat("stage '", stage_specs_[i].name, "': ", s.message()));
-    }
+    if (absl::Status s = stages_[i]->Connect(*envs_[i]); !s.ok()) failure = StageError(i, "", s);
   }
   {
     std::lock_guard<std::mutex> lock(start_mu_);

@@ -103,6 +103,19 @@ class Pipeline {
   // yields, overruns, stalls. For the log at shutdown and for tools.
   std::string StatsSummary() const;
 
+  // `metronome check` past the config: what serve would refuse at start-up. In a forked child
+  // (REQUIRES: built with check_only, no thread started yet, so the fork copies one thread)
+  // runs every stage's CheckDeep in start order, then every Connect in pipeline order, as Run
+  // runs Start and Connect, and sends back the notes and errors; waits at most `timeout_ns`
+  // for it, then kills it and says which stage it was in and what it was doing (CheckStep).
+  // The child ends with _exit: nothing it made (an interpreter, say) is torn down.
+  struct CheckReport {
+    std::vector<std::string> notes;   // one line per stage that had something to say
+    std::vector<std::string> errors;  // "stage 'name' ...: message", as Run would report them
+    bool timed_out = false;           // the child was killed at the timeout
+  };
+  CheckReport CheckDeep(int64_t timeout_ns);
+
   // Starts every lane, runs until RequestStop and the drain finish, joins, shuts stages down.
   // `on_running` (optional) runs on the calling thread once every lane has started.
   absl::Status Run(const std::function<void()>& on_running = nullptr);
@@ -144,6 +157,14 @@ class Pipeline {
   friend class PipelineEnv;
   Pipeline() = default;
   void StartLaneThread(int lane);
+  // The order lanes start in: the main-thread lane first (it may initialise what others need,
+  // such as the interpreter), then the others in pipeline order.
+  std::vector<int> LaneStartOrder() const;
+  // The stage's Start or Connect error as Run reports it.
+  absl::Status StageError(int stage, absl::string_view phase, const absl::Status& s) const;
+  // CheckDeep's child side (pipeline_check.cc).
+  void CheckChild();
+  void CheckSend(char kind, absl::string_view text);
   void ReportSetup(int lane, absl::Status status);
   // For the drain guard: the lanes not done, with what their stages say they are busy with.
   std::string DescribeBusy() const;
@@ -160,6 +181,7 @@ class Pipeline {
   double bandwidth_ = 0;  // one process's
   int processes_ = 1;
   bool check_only_ = false;
+  int check_fd_ = -1;  // in CheckDeep's child: the pipe to the parent
 
   std::atomic<bool> stop_{false};
   std::atomic<bool> running_{false};

@@ -12,7 +12,12 @@
 //   3b. Connect(): after every stage's Start, before any lane runs its loop: reads what the
 //      others published (route builds its router from the python stage's routes here). On the
 //      starting thread, stage by stage in pipeline order, single-threaded; an error stops the
-//      server before it serves anything.
+//      server before it serves anything. It reads only what was published (never resources of
+//      Start), because `metronome check` runs it after CheckDeep too.
+//   (check) CheckDeep(): under `metronome check` only, instead of Start, in a child process
+//      (Pipeline::CheckDeep): what Start would publish, without resources and without running
+//      application code beyond loading it, so that the real Connect finds what serve would
+//      refuse. Same start order as Start.
 //   4. The lane loop calls Process() with batches from its input, OnCompletion() for the lane's
 //      io_uring, Poll() for sources, Tick() when asked.
 //   5. BeginStop() once when shutdown begins: stop taking new work. The lane finishes when its
@@ -36,6 +41,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "runtime/clock.h"
 #include "runtime/config.h"
@@ -91,10 +97,13 @@ class StageEnv {
   // Wakes this stage's lane; other stages may keep it to signal work that arrives outside the
   // queues (e.g. buffers returned to a ring).
   virtual Waker* lane_waker() = 0;
-  // True under `metronome check`: Configure only, nothing will start.
+  // True under `metronome check`: Configure only, nothing will start (CheckDeep may run).
   virtual bool check_only() const = 0;
   // runtime.drain_timeout: how long the drain may take before the server gives up on it.
   virtual int64_t drain_timeout_ns() const = 0;
+  // Under check, names what the stage is about to do in CheckDeep ("importing ..."), so that a
+  // check that hangs or crashes says where. A no-op otherwise.
+  virtual void CheckStep(absl::string_view what) { (void)what; }
   // Objects shared between stages of one pipeline, keyed by name and type, created on first
   // use by `make`. Only during Configure and Start (single-threaded).
   template <typename T>
@@ -133,6 +142,14 @@ class Stage {
   virtual absl::Status Connect(StageEnv& env) {
     (void)env;
     return absl::OkStatus();
+  }
+
+  // See the life of a stage above. Shares its code with Start (one function loads what both
+  // publish), so that check and serve refuse the same things with the same messages. Returns a
+  // line for check's report (empty: nothing to say), or the error Start would return.
+  virtual absl::StatusOr<std::string> CheckDeep(StageEnv& env) {
+    (void)env;
+    return std::string();
   }
 
   // Handles a batch taken from the lane's input (or emitted by an earlier stage on the same

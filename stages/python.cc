@@ -4,8 +4,11 @@
 // initialises the interpreter (with the allocator wrappers of the memory budget installed
 // first), imports `python.app` ("module:attribute"), takes the app's routes into the shared
 // route table (the route stage builds its router from it), starts the budget watchdog and runs
-// the app's startup hooks. A module that fails to import, a missing attribute or a failing hook
-// stops the server before it serves anything, with the traceback.
+// the app's startup hooks. A module that fails to import, a missing attribute, a handler that
+// cannot take its route's path parameters or a failing hook stops the server before it serves
+// anything, with the traceback or the handler's file:line, and the config's line.
+// `metronome check` loads the app with the same code (CheckDeep -> LoadApp), in a child process,
+// without running the hooks or starting the watchdog.
 //
 // More python stages may follow, each on its own thread (a lane), sharing the GIL: with
 // `serves: heavy` one takes the routes marked heavy, so that a long handler there leaves the
@@ -25,6 +28,7 @@
 #include <poll.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_format.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
@@ -103,6 +107,7 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
 
   ConfigNode py = root.Map("python");
   app_spec_ = py.String("app", std::nullopt);
+  app_where_ = py.Where("app");
   if (!app_spec_.empty() && app_spec_.find(':') == std::string::npos) {
     py.Error("app", "expected \"package.module:attribute\", e.g. \"examples.app:app\"");
   }
@@ -114,6 +119,12 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
   python_->cpu_budget_ns = budget.DurationNs("cpu", 50 * kNanosPerMilli, 0, 3600 * kNanosPerSecond);
   python_->memory_budget_bytes = static_cast<int64_t>(budget.SizeBytes("memory", 64ull << 20, 0, 1ull << 40));
   watchdog_options_.hard_ns = budget.DurationNs("hard", kNanosPerSecond, kNanosPerMilli, 3600 * kNanosPerSecond);
+  if (watchdog_options_.hard_ns <= switch_interval_ns_) {
+    // Off the main lane an interrupt waits for the GIL, up to a switch interval: a hard limit
+    // that short would call a handler stuck while its interrupt is on the way.
+    budget.Error("hard", absl::StrCat("must be longer than python.switch_interval (",
+                                      FormatDuration(switch_interval_ns_), ")"));
+  }
   watchdog_options_.rss_limit_bytes = static_cast<int64_t>(budget.SizeBytes("rss_limit", 0, 0, 1ull << 44));
   for (ConfigNode o : py.Seq("routes")) {
     RouteOverride ov;
@@ -122,7 +133,7 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
     ov.cpu_ns = o.DurationNs("cpu", 0, 0, 3600 * kNanosPerSecond);
     ov.memory_bytes = static_cast<int64_t>(o.SizeBytes("memory", 0, 0, 1ull << 40));
     ov.heavy = o.Has("heavy") ? (o.Bool("heavy", false) ? 1 : 0) : -1;
-    ov.line = o.line();
+    ov.where = o.Where("path");
     overrides_.push_back(ov);
   }
   if (main_ && serves != "all" && serves != "light") {
@@ -137,7 +148,7 @@ absl::Status PythonStage::Start(StageEnv& env) {
   chunk_giver_ = shared_->body_chunks.MakeGiverToken();
   drain_timeout_ns_ = env.drain_timeout_ns();
   streams_.reserve(http_config_.max_inflight);
-  if (main_) return StartMain();
+  if (main_) return StartMain(env);
   if (!python_->interpreter_ready) return absl::FailedPreconditionError("the main python stage did not start");
   PyGILState_Ensure();  // this thread's state, kept for the whole run
   watch_ = GlobalWatchdog().Register(false);
@@ -158,38 +169,20 @@ absl::Status PythonStage::OpenLoop() {
   return loop_.Enter();
 }
 
-absl::Status PythonStage::StartMain() {
-  InterpreterOptions options;
-  options.path = path_;
-  // The memory budget needs its allocators in place before the interpreter allocates.
-  if (python_->memory_budget_bytes > 0) options.before_init = &InstallAllocatorWrappers;
-  if (absl::Status s = Initialize(options); !s.ok()) return s;
-  python_->interpreter_ready = true;
+absl::Status PythonStage::StartMain(StageEnv& env) {
+  if (absl::Status s = InitializeInterpreter(); !s.ok()) return s;
   absl::Status result = [&]() -> absl::Status {
     PyObject* sys = PyImport_ImportModule("sys");
     PyObject* r = sys ? PyObject_CallMethod(sys, "setswitchinterval", "d", static_cast<double>(switch_interval_ns_) / 1e9) : nullptr;
     Py_XDECREF(r);
     Py_XDECREF(sys);
     if (r == nullptr) return absl::InternalError(absl::StrCat("sys.setswitchinterval: ", FetchExceptionLine()));
-    // The metronome package registers its helpers with the native module; a WSGI or ASGI app
-    // does not import it, so the server does, first.
-    PyObject* package = PyImport_ImportModule("metronome");
-    if (package == nullptr) return absl::InternalError(absl::StrCat("import metronome:\n", FetchTraceback()));
-    Py_DECREF(package);
-    if (absl::Status s = ImportObject(app_spec_, &app_); !s.ok()) {
-      return absl::FailedPreconditionError(absl::StrCat("python.app: ", s.message()));
-    }
-    Py_INCREF(app_);
-    python_->app = app_;
-    if (absl::Status s = ChooseInterface(); !s.ok()) return s;
+    if (absl::Status s = LoadApp(env); !s.ok()) return s;
     if (python_->interface == Interface::kMetronome) {
-      if (absl::Status s = LoadRoutes(); !s.ok()) return s;
       if (absl::Status s = CallHook(app_, "startup"); !s.ok()) return s;
-    } else {
-      if (absl::Status s = LoadAppRoutes(); !s.ok()) return s;
-      if (python_->interface == Interface::kWsgi && !wsgi::Init()) {
-        return absl::InternalError(absl::StrCat("WSGI set-up: ", FetchExceptionLine()));
-      }
+    }
+    if (python_->interface == Interface::kWsgi && !wsgi::Init()) {
+      return absl::InternalError(absl::StrCat("WSGI set-up: ", FetchExceptionLine()));
     }
     if (python_->interface != Interface::kWsgi) {
       if (absl::Status s = OpenLoop(); !s.ok()) return s;
@@ -214,6 +207,57 @@ absl::Status PythonStage::StartMain() {
                : "",
            static_cast<size_t>(dispatch_->lanes()));
   return absl::OkStatus();
+}
+
+// Returns holding the GIL when it succeeded.
+absl::Status PythonStage::InitializeInterpreter() {
+  InterpreterOptions options;
+  options.path = path_;
+  // The memory budget needs its allocators in place before the interpreter allocates.
+  if (python_->memory_budget_bytes > 0) options.before_init = &InstallAllocatorWrappers;
+  if (absl::Status s = Initialize(options); !s.ok()) return s;
+  python_->interpreter_ready = true;
+  return absl::OkStatus();
+}
+
+// What serve's start-up and `metronome check` both load: the app, its interface and its routes
+// (into the shared route table). REQUIRES the GIL. Runs no hook (startup, lifespan) and starts
+// nothing.
+absl::Status PythonStage::LoadApp(StageEnv& env) {
+  // The metronome package registers its helpers with the native module; a WSGI or ASGI app
+  // does not import it, so the server does, first.
+  PyObject* package = PyImport_ImportModule("metronome");
+  if (package == nullptr) return absl::InternalError(absl::StrCat("import metronome:\n", FetchTraceback()));
+  Py_DECREF(package);
+  env.CheckStep(absl::StrCat("importing python.app \"", app_spec_, "\" (", app_where_, ")"));
+  if (absl::Status s = ImportObject(app_spec_, &app_); !s.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(app_where_, ": ", s.message()));
+  }
+  Py_INCREF(app_);
+  python_->app = app_;
+  if (absl::Status s = ChooseInterface(); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat(app_where_, ": ", s.message()));
+  }
+  env.CheckStep(absl::StrCat("loading the routes of python.app \"", app_spec_, "\" (", app_where_, ")"));
+  return python_->interface == Interface::kMetronome ? LoadRoutes() : LoadAppRoutes();
+}
+
+absl::StatusOr<std::string> PythonStage::CheckDeep(StageEnv& env) {
+  if (!main_) return std::string();  // the other lanes only take a thread state in Start
+  if (absl::Status s = InitializeInterpreter(); !s.ok()) return s;
+  // The GIL stays held: the check's child process ends with _exit after the last stage.
+  if (absl::Status s = LoadApp(env); !s.ok()) return s;
+  const size_t n = python_->handlers.size();
+  switch (python_->interface) {
+    case Interface::kMetronome:
+      return absl::StrCat(app_spec_, " imported, ", n, n == 1 ? " route" : " routes",
+                          ", every handler takes its path parameters; startup hooks were not run");
+    case Interface::kWsgi:
+      return absl::StrCat(app_spec_, " imported, served as wsgi (every path)");
+    case Interface::kAsgi:
+      return absl::StrCat(app_spec_, " imported, served as asgi (every path); lifespan startup was not run");
+  }
+  return std::string();
 }
 
 const char* InterfaceName(Interface i) {
@@ -260,7 +304,8 @@ absl::Status PythonStage::LoadAppRoutes() {
   python_->wsgi_info.server_name = http_config_.listen_host;
   python_->wsgi_info.server_port = std::to_string(http_config_.listen_port);
   python_->wsgi_info.multithread = dispatch_->lanes() > 1;
-  auto add = [&](const std::string& pattern, int64_t cpu_ns, int64_t memory_bytes, bool heavy) {
+  auto add = [&](const std::string& pattern, int64_t cpu_ns, int64_t memory_bytes, bool heavy,
+                 const std::string& declared_at) {
     PythonShared::Handler h;
     Py_INCREF(app_);
     h.callable = app_;
@@ -279,46 +324,88 @@ absl::Status PythonStage::LoadAppRoutes() {
       t.cpu_budget_ns = cpu_ns;
       t.memory_budget_bytes = static_cast<uint64_t>(memory_bytes);
       t.heavy = heavy;
+      t.declared_at = declared_at;
+      t.function = absl::StrCat("the ", InterfaceName(python_->interface), " app ", app_spec_);
       routes_->targets.push_back(std::move(t));
     }
   };
   // python.routes: the app's paths that need budgets of their own (their routes are not
   // declared to metronome). The method key narrows nothing here: the app routes by method.
   for (const RouteOverride& ov : overrides_) {
-    add(ov.path, ov.cpu_ns, ov.memory_bytes, ov.heavy == 1);
+    add(ov.path, ov.cpu_ns, ov.memory_bytes, ov.heavy == 1, ov.where);
   }
-  add("/{path:path}", 0, 0, false);
+  add("/{path:path}", 0, 0, false, app_where_);
   return absl::OkStatus();
 }
 
 // The app's routes into the shared route table, with their budgets (decorator options, then
-// python.routes overrides from the config).
+// python.routes overrides from the config). Each handler must be callable as the server calls
+// it, handler(req, **path_params): one that is not would fail every request, so it stops the
+// start instead (every such route is listed). Every route is loaded even then, so that check's
+// Connect still finds duplicates among them.
 absl::Status PythonStage::LoadRoutes() {
   PyObject* list = PyObject_CallMethod(app_, "routes", nullptr);
   if (list == nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("python.app '", app_spec_, "' is not a metronome.App: routes() failed:\n", FetchTraceback()));
+    return absl::FailedPreconditionError(absl::StrCat(app_where_, ": '", app_spec_,
+                                                      "' is not a metronome.App: routes() failed:\n", FetchTraceback()));
   }
   PyObject* seq = PySequence_Fast(list, "app.routes() must return a list");
   Py_DECREF(list);
-  if (seq == nullptr) return absl::FailedPreconditionError(FetchExceptionLine());
+  if (seq == nullptr) return absl::FailedPreconditionError(absl::StrCat(app_where_, ": ", FetchExceptionLine()));
+  PyObject* app_module = PyImport_ImportModule("metronome._app");
+  PyObject* describe = app_module ? PyObject_GetAttrString(app_module, "_describe_route") : nullptr;
+  Py_XDECREF(app_module);
+  if (describe == nullptr) {
+    Py_DECREF(seq);
+    return absl::InternalError(absl::StrCat("metronome._app._describe_route: ", FetchExceptionLine()));
+  }
+  std::vector<std::string> errors;
   std::vector<bool> override_used(overrides_.size(), false);
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
     PyObject* t = PySequence_Fast_GET_ITEM(seq, i);
     const char *method, *pattern;
     PyObject *callable, *options;
     if (!PyArg_ParseTuple(t, "ssOO", &method, &pattern, &callable, &options)) {
-      Py_DECREF(seq);
-      return absl::FailedPreconditionError(absl::StrCat("app.routes() entry ", i, ": ", FetchExceptionLine()));
+      errors.push_back(absl::StrCat(app_where_, ": app.routes() entry ", i, ": ", FetchExceptionLine()));
+      continue;
     }
     http::RouteTarget target;
     target.kind = http::RouteTarget::Kind::kPython;
     target.pattern = pattern;
     target.method = http::MethodFromName(method);
-    if (target.method == http::Method::kOther) {
-      Py_DECREF(seq);
-      return absl::FailedPreconditionError(absl::StrCat("route ", pattern, ": unknown method '", method, "'"));
+    target.declared_at = app_where_;
+    // Parameter names, in pattern order, for the vectorcall's keyword names.
+    std::vector<std::string> names = http::Router::ParamNames(target.pattern);
+    PyObject* kwnames = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+    for (size_t k = 0; kwnames != nullptr && k < names.size(); ++k) {
+      PyTuple_SET_ITEM(kwnames, static_cast<Py_ssize_t>(k), PyUnicode_InternFromString(names[k].c_str()));
     }
+    PyObject* described = kwnames ? PyObject_CallFunctionObjArgs(describe, callable, kwnames, nullptr) : nullptr;
+    const char* label = nullptr;
+    PyObject* problem = nullptr;
+    if (described == nullptr || !PyArg_ParseTuple(described, "sO", &label, &problem)) {
+      errors.push_back(absl::StrCat(app_where_, ": route ", method, " ", pattern, ": cannot describe its handler: ",
+                                    FetchExceptionLine()));
+      Py_XDECREF(described);
+      Py_XDECREF(kwnames);
+      continue;
+    }
+    target.function = label;
+    const std::string route = absl::StrCat(method, " ", pattern);
+    http::Router pattern_check;  // a malformed pattern is reported with its function, here
+    if (target.method == http::Method::kOther) {
+      errors.push_back(absl::StrCat(app_where_, ": ", target.function, ": route ", route, ": unknown method '", method, "'"));
+    } else if (absl::Status ps = pattern_check.Add(target.pattern, target.method, 0); !ps.ok()) {
+      errors.push_back(absl::StrCat(app_where_, ": ", target.function, ": ", ps.message()));
+    } else if (problem != Py_None) {
+      PyObject* text = PyObject_Str(problem);
+      errors.push_back(absl::StrCat(app_where_, ": ", target.function, ": route ", route,
+                                    ": the handler cannot take the route's path parameters: ",
+                                    text && PyUnicode_Check(text) ? PyUnicode_AsUTF8(text) : "?"));
+      Py_XDECREF(text);
+      PyErr_Clear();
+    }
+    Py_DECREF(described);
     target.cpu_budget_ns = OptionNs(options, "cpu_budget");
     target.memory_budget_bytes = static_cast<uint64_t>(OptionInt(options, "memory_budget"));
     PyObject* heavy = PyDict_Check(options) ? PyDict_GetItemString(options, "heavy") : nullptr;
@@ -335,27 +422,25 @@ absl::Status PythonStage::LoadRoutes() {
     PythonShared::Handler h;
     Py_INCREF(callable);
     h.callable = callable;
-    // Parameter names, in pattern order, for the vectorcall's keyword names.
-    std::vector<std::string> names = http::Router::ParamNames(target.pattern);
-    if (!names.empty()) {
-      h.kwnames = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
-      for (size_t k = 0; k < names.size(); ++k) {
-        PyTuple_SET_ITEM(h.kwnames, static_cast<Py_ssize_t>(k), PyUnicode_InternFromString(names[k].c_str()));
-      }
+    if (names.empty()) {
+      Py_DECREF(kwnames);
+    } else {
+      h.kwnames = kwnames;
     }
     h.stats = std::make_unique<RouteStats>();
-    h.stats->label = absl::StrCat(method, " ", pattern);
+    h.stats->label = route;
     python_->handlers.push_back(std::move(h));
     routes_->targets.push_back(std::move(target));
   }
   Py_DECREF(seq);
+  Py_DECREF(describe);
   for (size_t k = 0; k < overrides_.size(); ++k) {
     if (!override_used[k]) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "python.routes entry at line ", overrides_[k].line, ": no route of the app has path '",
-          overrides_[k].path, "'", overrides_[k].method.empty() ? "" : absl::StrCat(" and method ", overrides_[k].method)));
+      errors.push_back(absl::StrCat(overrides_[k].where, ": no route of the app has path '", overrides_[k].path, "'",
+                                    overrides_[k].method.empty() ? "" : absl::StrCat(" and method ", overrides_[k].method)));
     }
   }
+  if (!errors.empty()) return absl::FailedPreconditionError(absl::StrJoin(errors, "\n"));
   return absl::OkStatus();
 }
 

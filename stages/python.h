@@ -68,6 +68,7 @@ class PythonStage : public Stage, public asgi::Host {
  public:
   absl::Status Configure(ConfigNode entry, ConfigNode root, StageEnv& env) override;
   absl::Status Start(StageEnv& env) override;
+  absl::StatusOr<std::string> CheckDeep(StageEnv& env) override;
   void Process(std::span<Item* const> batch, Outbox& out) override;
   bool Poll(Outbox& out) override;
   int64_t Tick(int64_t now_ns, Outbox& out) override;
@@ -80,7 +81,9 @@ class PythonStage : public Stage, public asgi::Host {
   void ExtraStats(StatsSink& sink) const override;
 
  private:
-  absl::Status StartMain();
+  absl::Status StartMain(StageEnv& env);
+  absl::Status InitializeInterpreter();
+  absl::Status LoadApp(StageEnv& env);
   absl::Status LoadRoutes();
   // The interface python.interface names, or (auto) the one the app's type says.
   absl::Status ChooseInterface();
@@ -156,7 +159,7 @@ class PythonStage : public Stage, public asgi::Host {
     std::string path, method;
     int64_t cpu_ns = 0, memory_bytes = 0;
     int heavy = -1;  // -1: unchanged
-    int line = 0;
+    std::string where;  // "file:line: python.routes[i].path"
   };
 
   bool main_ = false;
@@ -165,6 +168,7 @@ class PythonStage : public Stage, public asgi::Host {
   int watch_ = -1;         // index in the watchdog
   int serialize_ = -1;
   std::string app_spec_;
+  std::string app_where_;  // "file:line: python.app", for every error about the app
   std::string interface_config_ = "auto";
   std::vector<std::string> path_;
   int64_t switch_interval_ns_ = 0;

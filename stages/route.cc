@@ -9,6 +9,7 @@
 #include "stages/route.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
 #include "runtime/registry.h"
@@ -34,6 +35,7 @@ absl::Status RouteStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& 
     t.status = static_cast<int>(r.Int("status", 200, 100, 599));
     t.content_type = r.String("content_type", t.content_type);
     t.body = r.String("body", "");
+    t.declared_at = r.Where("path");
     Router check;  // validates the pattern now, so that `metronome check` reports it
     if (absl::Status s = check.Add(t.pattern, t.method, 0); !s.ok() && !t.pattern.empty()) {
       r.Error("path", s.message());
@@ -43,22 +45,51 @@ absl::Status RouteStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& 
   return absl::OkStatus();
 }
 
-// The python stages publish their routes in Start; the router is built here, once every stage
-// started, whatever order the lanes started in.
+namespace {
+
+// Why `t` cannot join the router, which refused it with `s`; `existing` is the target already
+// there for a duplicate (else null). Names both sides: config lines and handler functions.
+std::string RouteError(const RouteTarget& t, const RouteTarget* existing, const absl::Status& s) {
+  const std::string route = absl::StrCat(MethodName(t.method), " ", t.pattern);
+  if (existing == nullptr) {
+    return absl::StrCat(t.declared_at, ": ", t.function.empty() ? "" : absl::StrCat(t.function, ": "), s.message());
+  }
+  const RouteTarget& e = *existing;
+  if (t.kind != e.kind) {
+    const RouteTarget& native = t.kind == RouteTarget::Kind::kNative ? t : e;
+    const RouteTarget& python = t.kind == RouteTarget::Kind::kNative ? e : t;
+    return absl::StrCat(native.declared_at, ": native route ", route, " clashes with a Python route: ", python.function,
+                        " (", python.declared_at, ")");
+  }
+  if (t.kind == RouteTarget::Kind::kPython) {
+    return absl::StrCat(t.declared_at, ": route ", route, " is defined twice in the app: by ", e.function, " and by ",
+                        t.function);
+  }
+  return absl::StrCat(t.declared_at, ": route ", route, " is defined twice: also at ", e.declared_at);
+}
+
+}  // namespace
+
+// The python stages publish their routes in Start (or CheckDeep, under check); the router is
+// built here, once every stage started, whatever order the lanes started in. Every route that
+// cannot join is reported, not only the first.
 absl::Status RouteStage::Connect(StageEnv& env) {
   (void)env;
   for (RouteTarget& t : native_) table_->targets.push_back(t);
+  std::vector<std::string> errors;
   for (size_t i = 0; i < table_->targets.size(); ++i) {
     const RouteTarget& t = table_->targets[i];
     if (t.kind == RouteTarget::Kind::kPython && next_ < 0) {
-      return absl::FailedPreconditionError(absl::StrCat("route ", MethodName(t.method), " ", t.pattern,
-                                                        " needs a python stage after route"));
+      errors.push_back(absl::StrCat(t.declared_at, ": route ", MethodName(t.method), " ", t.pattern,
+                                    " needs a python stage after route"));
+      continue;
     }
-    if (absl::Status s = router_.Add(t.pattern, t.method, static_cast<int>(i)); !s.ok()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          t.kind == RouteTarget::Kind::kNative ? "native route (routes: in the config) " : "", s.message()));
+    int existing = -1;
+    if (absl::Status s = router_.Add(t.pattern, t.method, static_cast<int>(i), &existing); !s.ok()) {
+      errors.push_back(RouteError(t, existing >= 0 ? &table_->targets[static_cast<size_t>(existing)] : nullptr, s));
     }
   }
+  if (!errors.empty()) return absl::FailedPreconditionError(absl::StrJoin(errors, "\n"));
   LOG_INFO("route table: %zu routes", router_.size());
   return absl::OkStatus();
 }

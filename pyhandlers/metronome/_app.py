@@ -185,3 +185,33 @@ class App:
     def shutdown(self):
         for fn in reversed(self._shutdown):
             sync_callable(fn)()
+
+
+# Called by the server when it loads the routes (at start-up, and by `metronome check`).
+def _describe_route(fn, param_names):
+    """("handler `name` at file:line", problem or None) for a route's function. The problem is
+    why fn(req, **{name: value for each path parameter}) could never be called, which is how
+    the server calls it (inspect's own binding rules: positional-or-keyword and keyword-only
+    names, **kwargs takes any); None when it can be called, or when it has no signature to read
+    (some built-ins: the call itself will tell)."""
+    target = fn
+    try:
+        target = inspect.unwrap(fn)  # through sync_callable's and the app's own functools.wraps
+    except ValueError:
+        pass
+    if isinstance(target, functools.partial):
+        target = target.func
+    name = getattr(target, "__qualname__", None) or repr(target)
+    code = getattr(target, "__code__", None) or getattr(getattr(type(target), "__call__", None), "__code__", None)
+    where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else "(no source file)"
+    label = f"handler `{name}` at {where}"
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return label, None
+    try:
+        sig.bind(None, **{p: None for p in param_names})
+    except TypeError as e:
+        called = ", ".join(["req"] + [f"{p}=..." for p in param_names])
+        return label, f"it is called as {name}({called}), which its signature {sig} refuses: {e}"
+    return label, None

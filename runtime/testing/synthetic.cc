@@ -1,5 +1,11 @@
 #include "runtime/testing/synthetic.h"
 
+#include <unistd.h>
+
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+
 #include "runtime/outbox.h"
 #include "runtime/pipeline.h"
 #include "runtime/registry.h"
@@ -88,11 +94,29 @@ class SourceStage : public Stage {
   SyntheticPool* pool_ = nullptr;
 };
 
+// `check:` and `connect:` make CheckDeep and Connect misbehave on purpose, for the tests of
+// Pipeline::CheckDeep: note, fail, hang (forever), crash (SIGABRT), exit (status 3).
 class RelayStage : public Stage {
  public:
   absl::Status Configure(ConfigNode entry, ConfigNode, StageEnv&) override {
     work_ns_ = entry.DurationNs("work", 0, 0, kNanosPerSecond);
+    check_ = entry.Enum("check", "ok", {"ok", "note", "fail", "hang", "crash", "exit"});
+    connect_fails_ = entry.Enum("connect", "ok", {"ok", "fail"}) == "fail";
     return absl::OkStatus();
+  }
+  absl::StatusOr<std::string> CheckDeep(StageEnv& env) override {
+    env.CheckStep(absl::StrCat("doing '", check_, "' on purpose"));
+    if (check_ == "note") return absl::StrCat("checked ", env.stage_name());
+    if (check_ == "fail") return absl::FailedPreconditionError("fails its check on purpose");
+    if (check_ == "hang") {
+      for (;;) pause();
+    }
+    if (check_ == "crash") abort();
+    if (check_ == "exit") _exit(3);
+    return std::string();
+  }
+  absl::Status Connect(StageEnv&) override {
+    return connect_fails_ ? absl::FailedPreconditionError("fails to connect on purpose") : absl::OkStatus();
   }
   void Process(std::span<Item* const> batch, Outbox& out) override {
     for (Item* item : batch) {
@@ -104,6 +128,8 @@ class RelayStage : public Stage {
 
  private:
   int64_t work_ns_ = 0;
+  std::string check_;
+  bool connect_fails_ = false;
 };
 
 class SinkStage : public Stage {

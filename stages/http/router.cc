@@ -20,7 +20,7 @@ Method MethodFromName(std::string_view name) {
   return Method::kOther;
 }
 
-absl::Status Router::Add(std::string_view pattern, Method method, int target) {
+absl::Status Router::Add(std::string_view pattern, Method method, int target, int* existing) {
   if (pattern.empty() || pattern[0] != '/') {
     return absl::InvalidArgumentError(absl::StrCat("route pattern '", Sv(pattern), "' must start with '/'"));
   }
@@ -95,6 +95,7 @@ absl::Status Router::Add(std::string_view pattern, Method method, int target) {
   Node& n = nodes_[node];
   int m = static_cast<int>(method);
   if (n.targets[m] >= 0) {
+    if (existing != nullptr) *existing = n.targets[m];
     return absl::AlreadyExistsError(absl::StrCat("route ", MethodName(method), " ", Sv(pattern), " is defined twice"));
   }
   n.targets[m] = target;

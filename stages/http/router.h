@@ -28,8 +28,9 @@ inline constexpr int kRouteMethods = static_cast<int>(Method::kOther);  // GET .
 class Router {
  public:
   // Adds `pattern` for `method` -> `target`. Fails on a malformed pattern, a duplicate
-  // (pattern, method) or a parameter name used twice in one pattern.
-  absl::Status Add(std::string_view pattern, Method method, int target);
+  // (pattern, method) (AlreadyExists, with the target already there in *existing when given)
+  // or a parameter name used twice in one pattern.
+  absl::Status Add(std::string_view pattern, Method method, int target, int* existing = nullptr);
 
   enum class Result { kFound, kNotFound, kMethodNotAllowed };
   // Finds the target for method+path; fills r->params (views into `path`) on kFound, and
@@ -73,6 +74,11 @@ struct RouteTarget {
   int64_t cpu_budget_ns = 0;
   uint64_t memory_budget_bytes = 0;
   bool heavy = false;
+  // Where the route was declared, for start-up errors: the config's line ("file:12:
+  // routes[0].path" for a native route, "file:3: python.app" for the app's) and, for a Python
+  // route, its function ("handler `user` at app.py:12").
+  std::string declared_at;
+  std::string function;
 };
 
 // Every route's target, native and Python (StageEnv::Shared<RouteTable>("routes")): the python

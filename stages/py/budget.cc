@@ -221,8 +221,7 @@ bool Watchdog::End(int lane, int64_t now_ns) {
   }
   if (l.stuck_reported.load(std::memory_order_relaxed)) {
     LOG_ERROR("budget: %s returned after %.3fs, past the %s hard limit", l.label,
-              static_cast<double>(MonotonicNowNs() - l.start_ns.load()) / 1e9,
-              FormatDuration(options_.hard_ns).c_str());
+              static_cast<double>(now_ns - l.start_ns.load()) / 1e9, FormatDuration(options_.hard_ns).c_str());
   }
   return fired || ended_past;
 }
@@ -245,7 +244,9 @@ void Watchdog::Fire(int lane, uint64_t seq, int64_t now) {
   Lane& l = lanes_[lane];
   int64_t deadline = l.deadline_ns.load(std::memory_order_relaxed);
   // `fired_seq` goes first: the interrupt can end the request before this thread runs another
-  // line, and End() must then see that the budget, not the handler, failed it.
+  // line, and End() must then see that the budget, not the handler, failed it. (`fired_ns` is
+  // this thread's own: only Loop reads it.)
+  l.fired_ns.store(now, std::memory_order_relaxed);
   l.fired_seq.store(seq, std::memory_order_release);
   if (l.main_thread) {
     // The sequence number travels in the pointer (24 bits of lane slack are plenty).
@@ -302,15 +303,30 @@ void Watchdog::Loop() {
           wake = std::min(wake, deadline);
         }
       }
-      int64_t hard_at = l.start_ns.load(std::memory_order_relaxed) + options_.hard_ns;
+      // Stuck: still running `hard` after its interrupt was issued, so it did not get back to
+      // the eval loop, which would have raised it (budget.h). Counting from the handler's start
+      // instead called a route whose own budget is longer than `hard` stuck while it ran.
+      const bool fired = l.fired_seq.load(std::memory_order_relaxed) == seq;
+      const bool unbudgeted = deadline == kNeverNs;
+      const int64_t start = l.start_ns.load(std::memory_order_relaxed);
+      const int64_t hard_at = fired ? l.fired_ns.load(std::memory_order_relaxed) + options_.hard_ns
+                              : unbudgeted ? start + options_.hard_ns
+                                           : kNeverNs;  // not yet interrupted: its deadline wakes us
       if (!l.stuck_reported.load(std::memory_order_relaxed) && now >= hard_at && l.seq.load() == seq) {
         l.stuck_reported.store(true, std::memory_order_relaxed);
         stuck_handlers.Add();
         ReportProcessEvent("stuck\n");  // a supervisor may replace this worker (hard_action)
-        LOG_ERROR("budget: %s has run for %.3fs, past the %s hard limit, and cannot be interrupted "
-                  "(it is in C code that does not check for signals); Python work on its thread waits, "
-                  "native routes keep answering", l.label, static_cast<double>(now - l.start_ns.load()) / 1e9,
-                  FormatDuration(options_.hard_ns).c_str());
+        if (fired) {
+          LOG_ERROR("budget: %s did not stop within the %s hard limit after its CPU budget interrupt (%.3fs in "
+                    "the handler): it cannot be interrupted (C code that does not check for signals, or a "
+                    "blocking call off the main lane); Python work on its thread waits, native routes keep "
+                    "answering", l.label, FormatDuration(options_.hard_ns).c_str(),
+                    static_cast<double>(now - start) / 1e9);
+        } else {
+          LOG_ERROR("budget: %s has run for %.3fs with no CPU budget, past the %s hard limit; nothing can "
+                    "interrupt it. Python work on its thread waits, native routes keep answering", l.label,
+                    static_cast<double>(now - start) / 1e9, FormatDuration(options_.hard_ns).c_str());
+        }
       } else if (!l.stuck_reported.load(std::memory_order_relaxed)) {
         wake = std::min(wake, hard_at);
       }

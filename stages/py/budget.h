@@ -10,8 +10,15 @@
 // Every interrupt carries the request's sequence number; one that arrives after its request
 // ended does nothing (pending calls check it; the lane clears any async exception before its
 // next request). Whatever the handler does with the exception, the server answers 503 with
-// "Metronome-Budget: cpu". A handler stuck in C code cannot be interrupted: past the hard limit
-// the watchdog logs it loudly and counts it, once per request.
+// "Metronome-Budget: cpu". A handler stuck in C code cannot be interrupted: still running
+// `hard` (python.budget.hard) after its interrupt was issued, it did not get back to the eval
+// loop, and the watchdog logs it loudly and counts it, once per request. The hard limit counts
+// from the interrupt, not from the handler's start: the interrupt reaches a handler that runs
+// Python within ~100 us on the main lane and within a switch interval or two elsewhere, so only
+// a handler in C code (or, off the main lane, in a blocking call) is still there `hard` later,
+// whatever its own budget; a route whose budget is longer than `hard` is not stuck while it runs
+// within it. A handler with no CPU budget (cpu: 0) is never interrupted: the hard limit counts
+// from its start, and the log says it had no budget.
 //
 // Memory. The three CPython allocator domains are wrapped (pymalloc stays underneath); each
 // block carries a 16-byte header with its size, so the bytes a request allocates minus the
@@ -72,7 +79,9 @@ class Watchdog {
   static constexpr int kBudgetSignal = SIGUSR2;
 
   struct Options {
-    int64_t hard_ns = 1'000'000'000;  // past this a handler is reported as stuck
+    // A handler still running this long after its budget interrupt (or, with no CPU budget,
+    // after its start) is reported as stuck.
+    int64_t hard_ns = 1'000'000'000;
     int64_t rss_limit_bytes = 0;      // 0: no process-wide guard
     int64_t rss_check_ns = 100'000'000;
     // With no request running, the watchdog looks again this often. It must be shorter than any
@@ -95,6 +104,7 @@ class Watchdog {
     // The seq the CPU budget was enforced for (0: none). A seq, not a flag: a Fire that races
     // with the end of its request can only ever mark that request, never the next one.
     std::atomic<uint64_t> fired_seq{0};
+    std::atomic<int64_t> fired_ns{0};     // when that interrupt was issued (the watchdog's own)
     std::atomic<bool> stuck_reported{false};
     const char* label = "";               // route of the running request (static storage)
     bool main_thread = false;
@@ -121,7 +131,7 @@ class Watchdog {
   Counter cpu_interrupts;     // BudgetExceeded raised
   Counter late_interrupts;    // an interrupt that found its request already gone (a no-op)
   Counter ended_past_budget;  // handlers that returned past their budget before any interrupt
-  Counter stuck_handlers;     // handlers past the hard limit
+  Counter stuck_handlers;     // handlers past the hard limit (after their interrupt, see above)
   Counter rss_sheds;          // transitions into the RSS guard
   LatencyHistogram interrupt_delay_ns;  // deadline -> the interrupt was issued
 

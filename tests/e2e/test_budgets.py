@@ -316,6 +316,23 @@ class MemoryBudget(unittest.TestCase):
 
 
 class StuckInC(unittest.TestCase):
+    def test_route_budget_longer_than_hard_is_not_stuck(self):
+        # The hard limit counts from the budget's interrupt: a handler running Python within its
+        # own 2 s budget, past a 1 s hard limit, is not stuck (before: "stuck in C code" at 1 s,
+        # at ERROR level, and counted).
+        with Server(budget_config(budget="cpu: 50ms, memory: 64MiB, hard: 1s")) as srv:
+            r, _ = get(srv, "/long-budget")
+            self.assertEqual((r.status, r.body), (200, b"done"))
+            log = srv.read_log()
+            self.assertNotIn("hard limit", log)
+            self.assertNotIn("cannot be interrupted", log)
+            self.assertEqual(stage_extra(admin_stats(srv), "python", "budget_stuck_handlers_total"), 0)
+
+    def test_hard_limit_longer_than_switch_interval(self):
+        with self.assertRaises(RuntimeError) as cm:
+            Server(budget_config(budget="cpu: 50ms, hard: 1ms", extra_python="  switch_interval: 5ms"))
+        self.assertIn("python.budget.hard: must be longer than python.switch_interval (5ms)", str(cm.exception))
+
     def test_native_routes_answer_while_python_is_stuck(self):
         with Server(budget_config()) as srv:
             result = {}
@@ -335,7 +352,8 @@ class StuckInC(unittest.TestCase):
             self.assertEqual(result["r"].status, 503)
             self.assertGreater(result["t"], 0.3)
             log = srv.read_log()
-            self.assertIn("past the 300ms hard limit, and cannot be interrupted", log)
+            self.assertIn("did not stop within the 300ms hard limit after its CPU budget interrupt", log)
+            self.assertIn("it cannot be interrupted", log)
             self.assertIn("returned after", log)
             self.assertGreaterEqual(stage_extra(admin_stats(srv), "python", "budget_stuck_handlers_total"), 1)
             self.assertEqual(get(srv, "/json")[0].status, 200)

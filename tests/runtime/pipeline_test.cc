@@ -3,6 +3,7 @@
 #include "runtime/pipeline.h"
 
 #include <dirent.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sched.h>
 
@@ -10,7 +11,9 @@
 #include <sstream>
 #include <thread>
 
+#include "absl/strings/str_join.h"
 #include "runtime/testing/synthetic.h"
+#include "runtime/units.h"
 
 namespace metronome {
 namespace {
@@ -279,6 +282,59 @@ TEST(Overruns, SigxcpuIsCountedNotFatal) {
   EXPECT_GT(hog.overruns.Get() + (Pipeline::unattributed_overruns() - elsewhere), 0u);
   ASSERT_TRUE(r.Stop().ok());
   EXPECT_EQ(r.pool().generated.load(), r.pool().received.load());
+}
+
+
+// --- Pipeline::CheckDeep (`metronome check`) -------------------------------------------------
+
+Pipeline::CheckReport CheckDeep(const std::string& relays, int64_t timeout_ns = 10 * kNanosPerSecond) {
+  auto doc = ConfigDoc::FromString("pipeline:\n  - {stage: synthetic-source}\n" + relays + "  - {stage: synthetic-sink}\n",
+                                   "test.yaml");
+  EXPECT_TRUE(doc.ok()) << doc.status();
+  auto p = Pipeline::Build(**doc, StageRegistry::Global(), /*check_only=*/true);
+  EXPECT_TRUE(p.ok()) << p.status();
+  return (*p)->CheckDeep(timeout_ns);
+}
+
+std::string Joined(const std::vector<std::string>& v) { return absl::StrJoin(v, "\n"); }
+
+TEST(CheckDeep, NotesInStartOrderAndNoErrors) {
+  Pipeline::CheckReport r = CheckDeep("  - {stage: synthetic-relay, name: a, check: note}\n"
+                                      "  - {stage: synthetic-relay, name: b}\n"
+                                      "  - {stage: synthetic-relay, name: c, check: note}\n");
+  EXPECT_TRUE(r.errors.empty()) << Joined(r.errors);
+  EXPECT_EQ(r.notes, (std::vector<std::string>{"a: checked a", "c: checked c"}));
+  EXPECT_FALSE(r.timed_out);
+}
+
+// Every problem is listed: a failed CheckDeep does not hide a later stage's, nor Connect's.
+TEST(CheckDeep, ListsEveryErrorAsRunWould) {
+  Pipeline::CheckReport r = CheckDeep("  - {stage: synthetic-relay, name: a, check: fail}\n"
+                                      "  - {stage: synthetic-relay, name: b, check: fail}\n"
+                                      "  - {stage: synthetic-relay, name: c, connect: fail}\n");
+  EXPECT_EQ(r.errors, (std::vector<std::string>{"stage 'a' would fail to start: fails its check on purpose",
+                                                "stage 'b' would fail to start: fails its check on purpose",
+                                                "stage 'c': fails to connect on purpose"}));
+}
+
+TEST(CheckDeep, HangIsKilledAtTheTimeoutAndNamed) {
+  Pipeline::CheckReport r = CheckDeep("  - {stage: synthetic-relay, name: stuck, check: hang}\n",
+                                      300 * kNanosPerMilli);
+  EXPECT_TRUE(r.timed_out);
+  ASSERT_EQ(r.errors.size(), 1u) << Joined(r.errors);
+  EXPECT_EQ(r.errors[0], "stage 'stuck': did not finish within 300ms while doing 'hang' on purpose; "
+                         "the check process was killed");
+}
+
+TEST(CheckDeep, CrashAndExitAreReportedWithTheStage) {
+  Pipeline::CheckReport r = CheckDeep("  - {stage: synthetic-relay, name: boom, check: crash}\n");
+  ASSERT_EQ(r.errors.size(), 1u) << Joined(r.errors);
+  EXPECT_THAT(r.errors[0], ::testing::StartsWith("stage 'boom': the check process died of signal 6 ("));
+  EXPECT_THAT(r.errors[0], ::testing::EndsWith(" while doing 'crash' on purpose"));
+  r = CheckDeep("  - {stage: synthetic-relay, name: quits, check: exit}\n");
+  ASSERT_EQ(r.errors.size(), 1u) << Joined(r.errors);
+  EXPECT_EQ(r.errors[0], "stage 'quits': the check process exited with status 3 while doing 'exit' on purpose "
+                         "before it finished");
 }
 
 }  // namespace

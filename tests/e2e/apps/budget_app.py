@@ -129,3 +129,14 @@ def tiny_budget(req):
 def budget_yaml(req):
     burn(200)
     return "done"
+
+
+@app.get("/long-budget", cpu_budget="2s")
+def long_budget(req):
+    """Runs 1.2 s of Python (wall time, whatever the machine's load), within its own 2 s budget
+    and past a 1 s python.budget.hard: legitimately running, never stuck."""
+    end = time.monotonic() + 1.2
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return "done"
