@@ -58,9 +58,13 @@ class DrainTest(unittest.TestCase):
             c.settimeout(3)
             try:
                 c.sendall(request("GET", "/plaintext"))
-                resp = Reader(c).read_response()
+                reader = Reader(c)
+                resp = reader.read_response()
                 self.assertEqual(resp.status, 200)
-                self.assertEqual(resp.header("connection"), "close")
+                # Each stage sees the stop on its own thread: a response serialized a moment
+                # before serialize saw it may still say keep-alive; the connection ends anyway.
+                if resp.header("connection") != "close":
+                    self.assertTrue(reader.closed(timeout=5))
             except ConnectionResetError:
                 pass
             c.close()
