@@ -12,6 +12,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "runtime/clock.h"
@@ -96,6 +97,10 @@ absl::Status Lane::Setup() {
                                        " (runtime.require_deadline is true, so this is fatal)"));
     }
     info_.fallback = std::string(sched.message());
+    // Bandwidth held elsewhere may come free (a reload's old workers exit): ask again later.
+    if (absl::StrContains(info_.fallback, std::strerror(EBUSY)) && p_->options_.deadline_retry_ns > 0) {
+      deadline_retry_at_ns_ = MonotonicNowNs() + p_->options_.deadline_retry_ns;
+    }
     // Falling back to other/block: yield or spin under SCHED_OTHER would burn a core.
     wait_ = WaitMode::kBlock;
     info_.wait_in_force = wait_;
@@ -107,6 +112,19 @@ absl::Status Lane::Setup() {
   info_.policy_in_force = CurrentPolicyName();
   if (info_.policy_in_force == "deadline") RegisterDeadlineThread(tid_.load());
   return absl::OkStatus();
+}
+
+void Lane::RetryDeadline(int64_t now) {
+  if (ApplyToCurrentThread(spec_.sched).ok()) {
+    deadline_retry_at_ns_ = kNeverNs;
+    wait_ = spec_.wait;
+    RegisterDeadlineThread(tid_.load());
+    info_.deadline_regained.store(true, std::memory_order_relaxed);
+    LOG_INFO("thread '%s' now runs under SCHED_DEADLINE: the bandwidth it was refused at start is free again",
+             spec_.name.c_str());
+  } else {
+    deadline_retry_at_ns_ = now + p_->options_.deadline_retry_ns;
+  }
 }
 
 // The loop. Returns when the drain finished (or timed out).
@@ -153,6 +171,7 @@ void Lane::Run() {
       }
       RunLocal(s + 1);
     }
+    if (now >= deadline_retry_at_ns_) RetryDeadline(now);
     next_tick = std::min(next_tick, out_.tick_by_ns_);
     out_.tick_by_ns_ = kNeverNs;
     if (now >= next_tick) next_tick = RunTicks(now);
@@ -182,7 +201,7 @@ void Lane::Run() {
       if (io_uring_cq_ready(ring_.raw()) > 0) continue;
     }
     if (worked) continue;
-    Wait(std::min({next_tick, out_.tick_by_ns_, drain_deadline}));
+    Wait(std::min({next_tick, out_.tick_by_ns_, drain_deadline, deadline_retry_at_ns_}));
   }
   done_.store(true, std::memory_order_release);
   // Let the next lane re-check its own finish condition.

@@ -155,6 +155,7 @@ class Lane {
   bool HasWork();
 
   void Wait(int64_t until_ns);
+  void RetryDeadline(int64_t now);
 
   Pipeline* p_;
   const int index_;
@@ -165,7 +166,8 @@ class Lane {
   Waker waker_;
   Ring ring_;
   bool eventfd_armed_ = false;
-  int waitfd_armed_ = -1;  // the stage fd a poll is armed for on the ring (-1: none)
+  int waitfd_armed_ = -1;
+  int64_t deadline_retry_at_ns_ = kNeverNs;  // a refused deadline is asked for again then  // the stage fd a poll is armed for on the ring (-1: none)
   uint64_t eventfd_value_ = 0;
   bool saw_stop_ = false;
   int started_ = 0;  // stages [first, started_) were started

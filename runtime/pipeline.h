@@ -73,16 +73,23 @@ struct LaneSpec {
 
 struct RuntimeOptions {
   bool require_deadline = false;
+  // A thread refused SCHED_DEADLINE for bandwidth (EBUSY: held by another process, e.g. the old
+  // workers of a reload) asks again this often; 0: never.
+  int64_t deadline_retry_ns = 1'000'000'000;
   int64_t drain_timeout_ns = 5'000'000'000;
 };
 
 class Lane;
 
 // What a lane ended up running under, set once at start.
+// The strings are set once at start; a lane that later gets the deadline it was refused
+// (runtime.deadline_retry) says so in `deadline_regained`, read from any thread.
 struct LaneRunInfo {
   std::string policy_in_force;  // "deadline" / "other"
   WaitMode wait_in_force = WaitMode::kBlock;
   std::string fallback;         // empty, or why deadline was refused
+  std::atomic<bool> deadline_regained{false};
+  bool deadline_now() const { return policy_in_force == "deadline" || deadline_regained.load(std::memory_order_relaxed); }
 };
 
 class Pipeline {

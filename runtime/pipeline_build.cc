@@ -26,6 +26,7 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Build(ConfigDoc& doc,
   ConfigNode rt = root.Map("runtime");
   p->options_.require_deadline = rt.Bool("require_deadline", false);
   p->options_.drain_timeout_ns = rt.DurationNs("drain_timeout", 5 * kNanosPerSecond, kNanosPerMilli, 600 * kNanosPerSecond);
+  p->options_.deadline_retry_ns = rt.DurationNs("deadline_retry", p->options_.deadline_retry_ns, 0, 3600 * kNanosPerSecond);
   if (rt.Has("log_level")) {
     std::string level = rt.Enum("log_level", "info", {"debug", "info", "warn", "error"});
     SetLogLevel(level == "debug" ? LogLevel::kDebug : level == "warn" ? LogLevel::kWarn
