@@ -79,6 +79,7 @@ struct Worker {
   int64_t requests_limit = 0;       // max_requests + this worker's jitter (0: none)
   bool replacement_started = false;  // recycle/stuck: a new worker for its slot is on its way
   bool stuck = false;
+  std::string admin;  // its admin socket (abstract unix)
 };
 
 const char* StateName(Worker::State s) {
@@ -204,7 +205,9 @@ class Supervisor {
     const int listen_fd = listen_fds_[o_.reuse_port ? static_cast<size_t>(slot) : 0];
     env_strings.push_back(absl::StrCat("METRONOME_WORKER_LISTEN_FD=", listen_fd));
     env_strings.push_back(absl::StrCat("METRONOME_WORKER_CONTROL_FD=", ctl[1]));
-    env_strings.push_back(absl::StrCat("METRONOME_WORKER_ADMIN=@metronome-", parent, "-", slot, "-", generation));
+    // Unique per process (a replacement runs beside the worker it replaces).
+    const std::string admin = absl::StrCat("@metronome-", parent, "-", ++spawned_);
+    env_strings.push_back(absl::StrCat("METRONOME_WORKER_ADMIN=", admin));
     std::vector<char*> envp;
     for (auto& e : env_strings) envp.push_back(e.data());
     envp.push_back(nullptr);
@@ -243,6 +246,7 @@ class Supervisor {
     w->generation = generation;
     w->pid = pid;
     w->control_fd = ctl[0];
+    w->admin = admin;
     w->started_ns = MonotonicNowNs();
     w->started_unix_ns = UnixNowNs();
     if (o_.max_requests > 0) {
@@ -562,7 +566,7 @@ class Supervisor {
       x.rss_bytes = w->rss_bytes;
       x.restarts = slots_[static_cast<size_t>(w->slot)].restarts;
       x.started_unix_ns = w->started_unix_ns;
-      x.admin = absl::StrCat("@metronome-", getpid(), "-", w->slot, "-", w->generation);
+      x.admin = w->admin;
       v.push_back(std::move(x));
     }
     table_->Set(std::move(v));
@@ -572,6 +576,7 @@ class Supervisor {
   WorkerTable* table_;
   std::mt19937 rng_;
   std::vector<int> listen_fds_;
+  int spawned_ = 0;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::vector<SlotState> slots_;
   std::deque<int64_t> deaths_;
