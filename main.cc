@@ -34,7 +34,7 @@ constexpr char kUsage[] =
     "  metronome serve -c FILE [--listen HOST:PORT] [--admin HOST:PORT]\n"
     "                                                 run the server on a config\n"
     "  metronome serve --app MODULE:ATTR [--interface auto|metronome|wsgi|asgi] [--path DIR]\n"
-    "                  [--listen HOST:PORT] [-c FILE]\n"
+    "                  [--listen HOST:PORT] [-c FILE] [--reload]\n"
     "                                                 run an app (Flask, Django, FastAPI, ...) on\n"
     "                                                 the default config's pipeline\n"
     "  metronome check -c FILE [--timeout DURATION]\n"
@@ -47,6 +47,7 @@ constexpr char kUsage[] =
     "--app overrides python.app and --interface python.interface; --path DIR puts DIR first on\n"
     "python.path (default with --app and no -c: the working directory). Without -c, --app uses\n"
     "the default config (" METRONOME_DEFAULT_CONFIG "), without its example routes.\n"
+    "--reload (development only) restarts the workers when a .py file under python.path changes.\n"
     "check also loads the app as serve would (in a child process, without running its startup\n"
     "hooks) and reports what serve would refuse; --timeout (default 30s) bounds that load.\n"
     "SIGINT/SIGTERM drain in-flight work and exit 0; a second signal exits at once.\n";
@@ -67,6 +68,7 @@ struct Args {
   bool config_given = false;
   int64_t timeout_ns = kCheckTimeoutDefaultNs;
   bool timeout_given = false;
+  bool reload = false;    // --reload: watch the app's files (development)
 };
 
 int UsageError(const std::string& message) {
@@ -190,6 +192,16 @@ int Supervise(const Args& args, std::vector<std::string> argv) {
   o.replace_stuck = plan.replace_stuck;
   o.argv = std::move(argv);
   o.config_path = args.config;
+  if (args.reload) {
+    // The app's directories: python.path, relative to the working directory.
+    char cwd[4096];
+    const std::string here = getcwd(cwd, sizeof cwd) != nullptr ? cwd : ".";
+    for (const auto& p : doc->raw_root()["python"]["path"]) {
+      std::string dir = p.as<std::string>();
+      o.watch_dirs.push_back(dir.empty() || dir[0] != '/' ? here + "/" + dir : dir);
+    }
+    if (o.watch_dirs.empty()) o.watch_dirs.push_back(here);
+  }
   LOG_INFO("metronome %s starting on %s: a supervisor and %s worker(s)\n%s", METRONOME_VERSION, args.config.c_str(),
            plan.workers_reason.c_str(), pipeline->Describe().c_str());
   metronome::supervisor::WorkerTable table;
@@ -264,7 +276,9 @@ int Serve(const Args& args, std::vector<std::string> argv) {
   if (!worker.is_worker) {
     // server.workers set: this process becomes the supervisor (it never builds a pipeline).
     auto doc = metronome::ConfigDoc::FromFile(args.config);
-    if (doc.ok() && (*doc)->raw_root()["server"]["workers"].IsDefined()) return Supervise(args, std::move(argv));
+    if (doc.ok() && ((*doc)->raw_root()["server"]["workers"].IsDefined() || args.reload)) {
+      return Supervise(args, std::move(argv));
+    }
   }
   std::unique_ptr<metronome::ConfigDoc> doc;
   std::unique_ptr<metronome::Pipeline> pipeline;
@@ -331,6 +345,8 @@ int main(int argc, char** argv) {
       args.config = av[++i];
     } else if (a == "--listen" && i + 1 < av.size()) {
       args.listen = av[++i];
+    } else if (a == "--reload") {
+      args.reload = true;
     } else if (a == "--app" && i + 1 < av.size()) {
       args.app = av[++i];
     } else if (a.rfind("--app=", 0) == 0) {

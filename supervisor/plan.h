@@ -15,7 +15,7 @@ namespace metronome::supervisor {
 struct ProcessPlan {
   bool supervised = false;  // server.workers is set: a supervisor and its workers
   int workers = 1;
-  std::string workers_reason;  // "2 (auto: 2 CPUs in the affinity mask, no cgroup quota)"
+  std::string workers_reason = "1";  // "2 (auto: 2 CPUs in the affinity mask, no cgroup quota)"
   int64_t max_requests = 0;
   int64_t max_requests_jitter = 0;
   int64_t max_rss_bytes = 0;

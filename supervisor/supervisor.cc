@@ -6,7 +6,9 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/inotify.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -110,15 +112,18 @@ class Supervisor {
     slots_.assign(static_cast<size_t>(o_.workers), SlotState{});
     LOG_INFO("supervisor: pid %d, %d worker(s) on http://%s:%u", getpid(), o_.workers, o_.listen_host.c_str(), o_.listen_port);
     for (int i = 0; i < o_.workers; ++i) Spawn(i, generation_);
+    if (!o_.watch_dirs.empty()) Watch();
     while (!done_) {
       Publish();
       std::vector<pollfd> fds;
       fds.push_back({g_signal_pipe[0], POLLIN, 0});
+      fds.push_back({inotify_fd_, POLLIN, 0});
       for (auto& w : workers_) fds.push_back({w->control_fd, POLLIN, 0});
       poll(fds.data(), fds.size(), 100);
       if (fds[0].revents & POLLIN) Signals();
-      for (size_t i = 1; i < fds.size() && i - 1 < workers_.size(); ++i) {
-        if (fds[i].revents & (POLLIN | POLLHUP)) ReadControl(*workers_[i - 1]);
+      if (fds[1].revents & POLLIN) FilesChanged();
+      for (size_t i = 2; i < fds.size() && i - 2 < workers_.size(); ++i) {
+        if (fds[i].revents & (POLLIN | POLLHUP)) ReadControl(*workers_[i - 2]);
       }
       Timers();
     }
@@ -512,8 +517,56 @@ class Supervisor {
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   }
 
+  // --reload: inotify on the app's directories (and their subdirectories).
+  void Watch() {
+    inotify_fd_ = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (inotify_fd_ < 0) {
+      LOG_ERROR("--reload: inotify: %s; files are not watched", std::strerror(errno));
+      return;
+    }
+    std::vector<std::string> todo = o_.watch_dirs;
+    int watched = 0;
+    while (!todo.empty() && watched < kWatchDirsMax) {
+      std::string dir = todo.back();
+      todo.pop_back();
+      if (inotify_add_watch(inotify_fd_, dir.c_str(), IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE) < 0) continue;
+      ++watched;
+      DIR* d = opendir(dir.c_str());
+      if (d == nullptr) continue;
+      while (dirent* e = readdir(d)) {
+        if (e->d_name[0] == '.' || strcmp(e->d_name, "__pycache__") == 0 || strcmp(e->d_name, "node_modules") == 0) continue;
+        std::string sub = absl::StrCat(dir, "/", e->d_name);
+        struct stat st;
+        if (stat(sub.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) todo.push_back(sub);
+      }
+      closedir(d);
+    }
+    LOG_WARN("--reload: watching %d director%s for .py changes; FOR DEVELOPMENT ONLY: a change restarts the "
+             "workers (requests in flight drain first)", watched, watched == 1 ? "y" : "ies");
+  }
+
+  void FilesChanged() {
+    alignas(inotify_event) char buf[8192];
+    ssize_t n;
+    while ((n = read(inotify_fd_, buf, sizeof buf)) > 0) {
+      for (char* p = buf; p < buf + n;) {
+        auto* ev = reinterpret_cast<inotify_event*>(p);
+        const size_t len = ev->len ? strlen(ev->name) : 0;
+        if (len > 3 && strcmp(ev->name + len - 3, ".py") == 0) {
+          if (reload_at_ns_ == 0) LOG_INFO("--reload: %s changed", ev->name);
+          reload_at_ns_ = MonotonicNowNs() + kReloadDebounceNs;
+        }
+        p += sizeof(inotify_event) + ev->len;
+      }
+    }
+  }
+
   void Timers() {
     const int64_t now = MonotonicNowNs();
+    if (reload_at_ns_ != 0 && now >= reload_at_ns_ && reload_generation_ < 0) {
+      reload_at_ns_ = 0;
+      Reload();
+    }
     if (immediate_ && now > immediate_deadline_ns_) {
       for (auto& w : workers_) ResetThreadsOf(w->pid);
       done_ = true;
@@ -577,6 +630,8 @@ class Supervisor {
   std::mt19937 rng_;
   std::vector<int> listen_fds_;
   int spawned_ = 0;
+  int inotify_fd_ = -1;
+  int64_t reload_at_ns_ = 0;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::vector<SlotState> slots_;
   std::deque<int64_t> deaths_;

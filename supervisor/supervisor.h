@@ -60,7 +60,14 @@ struct Options {
   bool replace_stuck = false;       // python.budget.hard_action: replace
   std::vector<std::string> argv;    // the command line, for the workers (exec'd as-is)
   std::string config_path;          // re-read on SIGHUP
+  // --reload (development only): a change to a .py file under these directories reloads.
+  std::vector<std::string> watch_dirs;
 };
+
+// --reload: changes closer together than this make one reload.
+inline constexpr int64_t kReloadDebounceNs = 300'000'000;
+// At most this many directories are watched (inotify watches are a per-user limit).
+inline constexpr int kWatchDirsMax = 512;
 
 // What the admin listener shows of each worker.
 struct WorkerView {

@@ -303,5 +303,44 @@ class WorkersTest(unittest.TestCase):
         self.assertEqual(len(set(pids)), 2)
 
 
+class DevReloadTest(unittest.TestCase):
+    def test_reload_restarts_on_a_py_change_and_keeps_serving_a_broken_one(self):
+        with tempfile.TemporaryDirectory() as d:
+            app = os.path.join(d, "devapp.py")
+            with open(app, "w") as f:
+                f.write('import metronome\napp = metronome.App()\n@app.get("/v")\ndef v(req):\n    return "one"\n')
+            srv = Server(config_file=_write(d, OTHER_PIPELINE_CONFIG(d)),
+                         args=("--reload",))
+            self.addCleanup(srv.__exit__, None, None, None)
+            self.assertTrue(wait_for(lambda: "FOR DEVELOPMENT ONLY" in srv.read_log()))
+            self.assertTrue(wait_for(lambda: _body(srv) == b"one"))
+            with open(app, "w") as f:
+                f.write('import metronome\napp = metronome.App()\n@app.get("/v")\ndef v(req):\n    return "two"\n')
+            self.assertTrue(wait_for(lambda: _body(srv) == b"two", timeout=15), srv.read_log()[-2000:])
+            with open(app, "a") as f:
+                f.write("this is not python(\n")
+            self.assertTrue(wait_for(lambda: "keeps serving" in srv.read_log(), timeout=15), srv.read_log()[-2000:])
+            self.assertEqual(_body(srv), b"two")
+            self.assertEqual(srv.stop(), 0, srv.read_log()[-2000:])
+
+
+def OTHER_PIPELINE_CONFIG(d):
+    return f'python:\n  app: "devapp:app"\n  path: ["{d}"]\n' + OTHER_PIPELINE
+
+
+def _write(d, text):
+    path = os.path.join(d, "config.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def _body(srv):
+    try:
+        return get(srv.port, "/v").body
+    except OSError:
+        return None
+
+
 if __name__ == "__main__":
     unittest.main()
