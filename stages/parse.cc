@@ -23,7 +23,12 @@
 #include "stages/parse.h"
 
 #include <cassert>
+#include <cstring>
+#include <cstdio>
+#include <unistd.h>
+#include <strings.h>
 
+#include "runtime/clock.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
 #include "runtime/registry.h"
@@ -62,6 +67,9 @@ absl::Status ParseStage::Configure(ConfigNode entry, ConfigNode root, StageEnv& 
 
 absl::Status ParseStage::Start(StageEnv& env) {
   shared_->Setup(config_);
+  // Ids made here: unique per process (pid) and per start (time), then a counter.
+  snprintf(id_prefix_, sizeof id_prefix_, "%x%04llx", static_cast<unsigned>(getpid()),
+           static_cast<unsigned long long>(MonotonicNowNs() / 1000) & 0xffff);
   shared_->parse_waker = env.lane_waker();
   conns_.resize(config_.max_connections);
   blocked_.reserve(config_.max_connections);
@@ -289,6 +297,7 @@ void ParseStage::Step(Conn* c, RecvChunk* ch, Outbox& out) {
   r->conn = c->id;
   r->seq = c->next_seq++;
   r->head_done_ns = out.now_ns();
+  AssignRequestId(r);
   r->is_head = r->head.method_id == Method::kHead;
   if (draining_) r->head.keep_alive = false;  // answered, then the connection ends
   if (!r->head.keep_alive) c->closing = true;
@@ -367,6 +376,27 @@ void ParseStage::BeginStop(Outbox& out) {
       Arm(&conns_[l.tail], kTimerDrain, out.now_ns());
     }
   }
+}
+
+// The client's request id when it is usable (visible ASCII, at most kRequestIdMax), else one
+// made here: this process's prefix and a counter, unique for the process's life.
+void ParseStage::AssignRequestId(Request* r) {
+  const std::string& want = config_.request_id_header;
+  for (size_t i = 0; i < r->head.num_headers; ++i) {
+    const Header& f = r->head.headers[i];
+    if (f.name.size() != want.size() || strncasecmp(f.name.data(), want.data(), want.size()) != 0) continue;
+    bool usable = !f.value.empty() && f.value.size() <= kRequestIdMax;
+    for (char c : f.value) usable = usable && c > ' ' && c < 127;
+    if (usable) {
+      memcpy(r->request_id, f.value.data(), f.value.size());
+      r->request_id_len = static_cast<uint8_t>(f.value.size());
+      return;
+    }
+    break;
+  }
+  int n = snprintf(r->request_id, sizeof r->request_id, "%s-%llx", id_prefix_,
+                   static_cast<unsigned long long>(++ids_made_));
+  r->request_id_len = static_cast<uint8_t>(std::min<int>(n, static_cast<int>(kRequestIdMax)));
 }
 
 // Answers malformed input with its status and ends the connection after that response.

@@ -59,6 +59,7 @@ class ParseStage : public Stage {
   void Reject(Conn* c, const ParseError& err, Outbox& out);
   void Respond(Conn* c, int status, absl::string_view reason, Outbox& out);
   void EndConnection(Conn* c, Outbox& out);
+  void AssignRequestId(Request* r);
   bool EnsureSpare();
   void Block(Conn* c);
   void Arm(Conn* c, TimerKind kind, int64_t now);
@@ -69,6 +70,8 @@ class ParseStage : public Stage {
   HttpShared* shared_ = nullptr;
   int serialize_ = -1, send_ = -1;
   bool draining_ = false;
+  char id_prefix_[24] = {};
+  uint64_t ids_made_ = 0;
   int64_t drain_deadline_ns_ = 0;  // every connection waiting for a request is done by then
   std::vector<Conn> conns_;
   std::vector<ConnId> blocked_, scratch_;

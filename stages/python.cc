@@ -114,6 +114,7 @@ absl::Status PythonStage::Configure(ConfigNode entry, ConfigNode root, StageEnv&
   path_ = py.StringList("path");
   interface_config_ = py.Enum("interface", "auto", {"auto", "metronome", "wsgi", "asgi"});
   max_tasks_ = py.Int("max_tasks", max_tasks_, 1, 1 << 16);
+  log_level_ = py.Enum("log_level", "info", {"debug", "info", "warning", "error"});
   switch_interval_ns_ = py.DurationNs("switch_interval", 200 * kNanosPerMicro, kNanosPerMicro, kNanosPerSecond);
   ConfigNode budget = py.Map("budget");
   python_->cpu_budget_ns = budget.DurationNs("cpu", 50 * kNanosPerMilli, 0, 3600 * kNanosPerSecond);
@@ -178,6 +179,13 @@ absl::Status PythonStage::StartMain(StageEnv& env) {
     Py_XDECREF(sys);
     if (r == nullptr) return absl::InternalError(absl::StrCat("sys.setswitchinterval: ", FetchExceptionLine()));
     if (absl::Status s = LoadApp(env); !s.ok()) return s;
+    // Python's logging into the server's log, unless the app configured its own.
+    PyObject* logging_module = PyImport_ImportModule("metronome._logging");
+    PyObject* what = logging_module ? PyObject_CallMethod(logging_module, "install", "s", log_level_.c_str()) : nullptr;
+    Py_XDECREF(logging_module);
+    if (what == nullptr) return absl::InternalError(absl::StrCat("python logging set-up: ", FetchTraceback()));
+    LOG_INFO("python: %s", PyUnicode_Check(what) ? PyUnicode_AsUTF8(what) : "logging set up");
+    Py_DECREF(what);
     if (python_->interface == Interface::kMetronome) {
       if (absl::Status s = CallHook(app_, "startup"); !s.ok()) return s;
     }
@@ -1590,15 +1598,16 @@ void PythonStage::BudgetFail(http::Request* r, RouteStats& stats, const char* ki
     int64_t seen = python_->cpu_overshoot_max_ns.load(std::memory_order_relaxed);
     while (over > seen && !python_->cpu_overshoot_max_ns.compare_exchange_weak(seen, over)) {
     }
-    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its cpu budget (%s) after %.1fms: 503", stats.label.c_str(),
-                     FormatDuration(budget).c_str(), static_cast<double>(used) / 1e6);
+    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its cpu budget (%s) after %.1fms: 503 [request %.*s]",
+                     stats.label.c_str(), FormatDuration(budget).c_str(), static_cast<double>(used) / 1e6,
+                     static_cast<int>(r->request_id_len), r->request_id);
   } else if (hard) {
     LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s was still waiting after python.budget.hard (%s): cancelled, 503",
                      stats.label.c_str(), FormatDuration(budget).c_str());
   } else {
-    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its memory budget (%s, reached %.1f MiB): 503",
+    LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its memory budget (%s, reached %.1f MiB): 503 [request %.*s]",
                      stats.label.c_str(), FormatSize(static_cast<uint64_t>(budget)).c_str(),
-                     static_cast<double>(used) / (1 << 20));
+                     static_cast<double>(used) / (1 << 20), static_cast<int>(r->request_id_len), r->request_id);
   }
   r->resp.Reset();
   r->resp.status = 503;
@@ -1615,8 +1624,9 @@ void PythonStage::Fail(http::Request* r, RouteStats& stats, int status) {
   stats.errors.Add();
   std::string tb = PyErr_Occurred() ? FetchTraceback() : "(no exception)";
   DropStreamSource(&r->resp);
-  LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s failed with %d:\n%s", stats.label.c_str(),
-                   static_cast<int>(r->head.target.size()), r->head.target.data(), status, tb.c_str());
+  LOG_RATE_LIMITED(LogLevel::kError, "%s %.*s failed with %d [request %.*s]:\n%s", stats.label.c_str(),
+                   static_cast<int>(r->head.target.size()), r->head.target.data(), status,
+                   static_cast<int>(r->request_id_len), r->request_id, tb.c_str());
   SetInternalError(&r->resp);
   r->resp.status = status;
   r->responded = true;

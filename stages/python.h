@@ -170,6 +170,7 @@ class PythonStage : public Stage, public asgi::Host {
   std::string app_spec_;
   std::string app_where_;  // "file:line: python.app", for every error about the app
   std::string interface_config_ = "auto";
+  std::string log_level_ = "info";  // python.log_level
   std::vector<std::string> path_;
   int64_t switch_interval_ns_ = 0;
   Watchdog::Options watchdog_options_;

@@ -28,6 +28,7 @@
 
 #include "runtime/log.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "runtime/outbox.h"
 #include "runtime/clock.h"
 #include "runtime/registry.h"
@@ -89,13 +90,52 @@ void SendStage::AccessLog(const Conn* c, const Request* r, uint64_t body_bytes) 
     inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&peer)->sin6_addr, host, sizeof host);
   }
   const RequestHead& h = r->head;
-  absl::StrAppend(&access_buf_, host, " - - [", access_time_, "] \"");
-  if (h.method.empty()) {
-    access_buf_ += "-";  // an error answered before the request line was complete
+  const double seconds = r->head_done_ns != 0 ? static_cast<double>(MonotonicNowNs() - r->head_done_ns) / 1e9 : 0.0;
+  const std::string_view budget = r->resp.budget.empty() ? std::string_view("-") : r->resp.budget;
+  if (config_.access_log_json) {
+    // One JSON object a line; strings escaped (the target is the client's bytes).
+    auto str = [this](std::string_view v) {
+      access_buf_ += '"';
+      for (char ch : v) {
+        const auto u = static_cast<unsigned char>(ch);
+        if (ch == '"' || ch == '\\') {
+          access_buf_ += '\\';
+          access_buf_ += ch;
+        } else if (u < 0x20 || u >= 0x7f) {
+          char esc[8];
+          snprintf(esc, sizeof esc, "\\u%04x", u);
+          access_buf_ += esc;
+        } else {
+          access_buf_ += ch;
+        }
+      }
+      access_buf_ += '"';
+    };
+    access_buf_ += "{\"time\":";
+    str(access_time_);
+    access_buf_ += ",\"client\":";
+    str(host);
+    access_buf_ += ",\"method\":";
+    str(h.method.empty() ? std::string_view("-") : h.method);
+    access_buf_ += ",\"target\":";
+    str(h.target);
+    absl::StrAppend(&access_buf_, ",\"version\":\"1.", h.version_minor, "\",\"status\":", r->resp.status,
+                    ",\"bytes\":", body_bytes, ",\"duration_s\":", absl::StrFormat("%.6f", seconds), ",\"budget\":");
+    str(budget);
+    access_buf_ += ",\"request_id\":";
+    str(r->id());
+    access_buf_ += "}\n";
   } else {
-    absl::StrAppend(&access_buf_, Sv(h.method), " ", Sv(h.target), " HTTP/1.", h.version_minor);
+    // Common Log Format, then the duration in seconds, the budget outcome and the request id.
+    absl::StrAppend(&access_buf_, host, " - - [", access_time_, "] \"");
+    if (h.method.empty()) {
+      access_buf_ += "-";  // an error answered before the request line was complete
+    } else {
+      absl::StrAppend(&access_buf_, Sv(h.method), " ", Sv(h.target), " HTTP/1.", h.version_minor);
+    }
+    absl::StrAppend(&access_buf_, "\" ", r->resp.status, " ", body_bytes, " ", absl::StrFormat("%.6f", seconds), " ",
+                    Sv(budget), " ", Sv(r->request_id_len > 0 ? r->id() : std::string_view("-")), "\n");
   }
-  absl::StrAppend(&access_buf_, "\" ", r->resp.status, " ", body_bytes, "\n");
   if (access_buf_.size() > 60 * 1024) FlushAccessLog();
 }
 

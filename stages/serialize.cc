@@ -9,6 +9,8 @@
 // bytes as they are (a declared Content-Length, or HTTP/1.0 until the connection closes).
 #include "stages/serialize.h"
 
+#include <strings.h>
+
 #include "absl/strings/str_cat.h"
 #include "runtime/log.h"
 #include "runtime/outbox.h"
@@ -116,6 +118,14 @@ void SerializeStage::Serialize(Request* r) {
   if (!resp.allow.empty()) absl::StrAppend(&w, "Allow: ", Sv(resp.allow), "\r\n");
   if (resp.retry_after_s > 0) absl::StrAppend(&w, "Retry-After: ", resp.retry_after_s, "\r\n");
   if (!resp.budget.empty()) absl::StrAppend(&w, "Metronome-Budget: ", Sv(resp.budget), "\r\n");
+  bool app_set_id = false;
+  if (config_.echo_request_id && r->request_id_len > 0) {
+    for (const ExtraHeader& h : resp.headers) {
+      app_set_id |= h.name.size() == config_.request_id_header.size() &&
+                    strncasecmp(h.name.data(), config_.request_id_header.data(), h.name.size()) == 0;
+    }
+    if (!app_set_id) absl::StrAppend(&w, config_.request_id_header, ": ", Sv(r->id()), "\r\n");
+  }
   for (const ExtraHeader& h : resp.headers) {
     // The conversion from Python already refused these (fields.h); checked again from this side
     // because a split response is the one thing serialize must never write.

@@ -42,6 +42,7 @@ void Request::Reset() {
   responded = false;
   py_request = nullptr;
   plugins_seen = 0;
+  request_id_len = 0;
   part = 0;
   ends = true;
   next_out = nullptr;

@@ -62,6 +62,8 @@ struct ConnEvent : HttpItem {
 };
 
 inline constexpr int kPathParamsMax = 8;
+// A client's X-Request-Id longer than this (or with other than visible ASCII) is replaced.
+inline constexpr size_t kRequestIdMax = 64;
 
 enum class ParamType : uint8_t { kString, kInt, kPath };
 
@@ -159,6 +161,12 @@ struct Request : WirePiece {
   // sees it (a plugin or the python stage) and released, under the GIL, by the last.
   void* py_request = nullptr;
   uint32_t plugins_seen = 0;    // bit i: plugin i ran on_request (python calls on_response)
+
+  // The request id (request_id.h): the client's X-Request-Id when it sent a usable one, else
+  // made by parse. In log lines about the request, the access log and (by default) the response.
+  char request_id[kRequestIdMax + 1] = {};
+  uint8_t request_id_len = 0;
+  std::string_view id() const { return std::string_view(request_id, request_id_len); }
 };
 
 // One piece of a streamed body. The producer (a python lane) fills `data`; serialize frames it

@@ -2,6 +2,8 @@
 
 #include <liburing.h>
 
+#include <cctype>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/stage.h"
@@ -51,6 +53,15 @@ HttpConfig ReadHttpConfig(ConfigNode root) {
   c.retry_after_s = static_cast<int>(server.DurationNs("retry_after", c.retry_after_s * kNanosPerSecond, kNanosPerSecond, 3600 * kNanosPerSecond) / kNanosPerSecond);
   c.server_name = server.String("name", c.server_name);
   c.access_log = server.String("access_log", c.access_log);
+  c.access_log_json = server.Enum("access_log_format", "common", {"common", "json"}) == "json";
+  c.request_id_header = server.String("request_id_header", c.request_id_header);
+  for (char ch : c.request_id_header) {
+    if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_')) {
+      server.Error("request_id_header", "a header field name: letters, digits, '-' and '_'");
+      break;
+    }
+  }
+  c.echo_request_id = server.Bool("echo_request_id", c.echo_request_id);
   c.stream_buffer_bytes = static_cast<int64_t>(server.SizeBytes("stream_buffer_size", static_cast<uint64_t>(c.stream_buffer_bytes), 1024, 1ull << 30));
   c.stream_chunks = static_cast<uint32_t>(server.Int("stream_chunks", c.stream_chunks, 16, 1 << 20));
   c.stream_stall_timeout_ns = server.DurationNs("stream_stall_timeout", c.stream_stall_timeout_ns, kNanosPerMilli, 3600 * kNanosPerSecond);

@@ -42,6 +42,9 @@ struct HttpConfig {
   int retry_after_s = 1;
   std::string server_name = "metronome";
   std::string access_log;              // "" off, "-" stderr, else a file path (appended)
+  bool access_log_json = false;        // server.access_log_format: json (else common)
+  std::string request_id_header = "X-Request-Id";  // taken from the request, made when absent
+  bool echo_request_id = true;         // ... and sent back in the response
   // Streamed responses (stream.h):
   int64_t stream_buffer_bytes = 256 * 1024;       // per connection, waiting for the client
   uint32_t stream_chunks = 4096;                  // the chunk pool, shared by every stream

@@ -229,6 +229,12 @@ PyObject* NewScope(const http::Request& r, const http::HttpShared& shared, const
       "scheme", "http", "path", PyUnicode_DecodeUTF8(decoded.data(), static_cast<Py_ssize_t>(decoded.size()), "replace"),
       "raw_path", Bytes(h.path), "query_string", Bytes(h.query), "root_path", "", "headers", headers, "client",
       client != nullptr ? client : Py_NewRef(Py_None), "server", server != nullptr ? server : Py_NewRef(Py_None));
+  if (scope != nullptr) {
+    PyObject* ext = Py_BuildValue("{s:{s:s#}}", "metronome", "request_id", r.request_id,
+                                  static_cast<Py_ssize_t>(r.request_id_len));
+    if (ext == nullptr || PyDict_SetItemString(scope, "extensions", ext) < 0) PyErr_Clear();
+    Py_XDECREF(ext);
+  }
   if (scope != nullptr && state != nullptr) {
     PyObject* copy = PyDict_Copy(state);  // a shallow copy per request (ASGI spec)
     if (copy == nullptr || PyDict_SetItemString(scope, "state", copy) < 0) {

@@ -82,7 +82,7 @@ PyObject* RaiseHttpError(int status, const std::string& detail) {
 
 // --- Request -----------------------------------------------------------------------------
 
-enum Field { kMethod, kPath, kRawPath, kTarget, kQueryString, kQuery, kHeaders, kBody, kClient, kParams, kVersion, kFields };
+enum Field { kMethod, kPath, kRawPath, kTarget, kQueryString, kQuery, kHeaders, kBody, kClient, kParams, kVersion, kRequestId, kFields };
 
 struct RequestObject {
   PyObject_HEAD
@@ -162,6 +162,7 @@ PyObject* Make(RequestObject* self, int field) {
       return d;
     }
     case kVersion: return PyUnicode_FromString(h.version_minor == 0 ? "1.0" : "1.1");
+    case kRequestId: return PyUnicode_FromStringAndSize(r->request_id, r->request_id_len);
   }
   Py_RETURN_NONE;
 }
@@ -269,6 +270,7 @@ PyGetSetDef kGetSet[] = {
     FIELD("client", kClient, "The peer address: (host, port)."),
     FIELD("params", kParams, "The path parameters: a dict, {id:int} values as int."),
     FIELD("http_version", kVersion, "'1.1' or '1.0'."),
+    FIELD("request_id", kRequestId, "The client's X-Request-Id, or the one the server made."),
     {const_cast<char*>("state"), reinterpret_cast<getter>(GetState), nullptr,
      const_cast<char*>("A dict for plugins and handlers to share per-request data."), nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};

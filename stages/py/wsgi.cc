@@ -185,6 +185,7 @@ PyObject* NewEnviron(const http::Request& r, const http::HttpShared& shared, con
   // The body was read whole before the call: reading wsgi.input to its end is safe.
   PyDict_SetItemString(env, "wsgi.input_terminated", Py_True);
   PyDict_SetItemString(env, "wsgi.file_wrapper", g_file_wrapper);
+  SetItem(env, "metronome.request_id", PyUnicode_FromStringAndSize(r.request_id, r.request_id_len));
   if (PyErr_Occurred()) {
     Py_DECREF(env);
     return nullptr;
