@@ -424,11 +424,7 @@ void ParseStage::Respond(Conn* c, int status, absl::string_view reason, Outbox& 
   r->seq = c->next_seq++;
   r->head.version_minor = 1;
   r->head.keep_alive = false;
-  r->resp.status = status;
-  r->resp.content_type = "text/plain; charset=utf-8";
-  r->resp.body_storage.assign(reason.data(), reason.size());
-  r->resp.body_storage.push_back('\n');
-  r->resp.body = r->resp.body_storage;
+  r->resp.SetError(status, std::string_view(reason.data(), reason.size()));
   r->resp.close = true;
   AnswerEarly(r, serialize_, out);
 }

@@ -247,7 +247,86 @@ absl::Status PythonStage::LoadApp(StageEnv& env) {
     return absl::Status(s.code(), absl::StrCat(app_where_, ": ", s.message()));
   }
   env.CheckStep(absl::StrCat("loading the routes of python.app \"", app_spec_, "\" (", app_where_, ")"));
-  return python_->interface == Interface::kMetronome ? LoadRoutes() : LoadAppRoutes();
+  if (python_->interface != Interface::kMetronome) return LoadAppRoutes();
+  if (absl::Status s = LoadRoutes(); !s.ok()) return s;
+  return LoadErrorHandlers();
+}
+
+// App(errors="json") and @app.error(status): the server's own answers in the app's form, and
+// the app's handlers for them. With handlers or plugins, route hands its 404/405/OPTIONS
+// answers to Python (Dispatch::error_target) so that they and the plugins see them.
+absl::Status PythonStage::LoadErrorHandlers() {
+  PyObject* errors = PyObject_GetAttrString(app_, "errors");
+  if (errors != nullptr && PyUnicode_Check(errors) && PyUnicode_CompareWithASCIIString(errors, "json") == 0) {
+    http::SetErrorsAsJson(true);
+  }
+  Py_XDECREF(errors);
+  PyErr_Clear();
+  PyObject* handlers = PyObject_CallMethod(app_, "error_handlers", nullptr);
+  if (handlers == nullptr || !PyDict_Check(handlers)) {
+    Py_XDECREF(handlers);
+    return absl::FailedPreconditionError(absl::StrCat("app.error_handlers(): ", FetchExceptionLine()));
+  }
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(handlers, &pos, &key, &value)) {
+    long status = PyLong_AsLong(key);
+    if (status < 100 || status > 599) {
+      PyErr_Clear();
+      continue;
+    }
+    Py_INCREF(value);
+    python_->error_handlers[static_cast<int>(status)] = value;
+  }
+  Py_DECREF(handlers);
+  if (!python_->error_handlers.empty() || !python_->plugin_names.empty()) {
+    http::RouteTarget t;
+    t.kind = http::RouteTarget::Kind::kPython;
+    t.pattern = "(the server's answer)";
+    t.handler = -1;
+    dispatch_->error_target = static_cast<int>(routes_->targets.size());
+    routes_->targets.push_back(std::move(t));
+  }
+  return absl::OkStatus();
+}
+
+// The app's handler for the server's answer in r->resp (@app.error(status)), if it has one:
+// it may replace it. Its result converts like a handler's; a plain body keeps the status.
+void PythonStage::ApplyErrorHandler(http::Request* r) {
+  auto it = python_->error_handlers.find(r->resp.status);
+  if (it == python_->error_handlers.end()) return;
+  PyObject* req = static_cast<PyObject*>(r->py_request);
+  if (req == nullptr) {
+    req = NewRequest(r, shared_);
+    if (req == nullptr) {
+      PyErr_Clear();
+      return;
+    }
+    r->py_request = req;
+  }
+  const int status = r->resp.status;
+  PyObject* result = PyObject_CallFunction(it->second, "Oi", req, status);
+  http::Response replaced;
+  if (result == nullptr || !ResultToResponse(result, &replaced) || replaced.streaming()) {
+    LOG_RATE_LIMITED(LogLevel::kError, "the app's error handler for %d raised or returned something invalid; "
+                     "the server's answer stands:\n%s", status, PyErr_Occurred() ? FetchTraceback().c_str() : "(a stream)");
+    DropStreamSource(&replaced);
+  } else {
+    if (replaced.status == 200) replaced.status = status;
+    const std::string_view allow = r->resp.allow;
+    const int retry = r->resp.retry_after_s;
+    const std::string_view budget = r->resp.budget;
+    // The views may point into the storage that moves with them (small strings are copied).
+    const bool body_stored = replaced.body.data() == replaced.body_storage.data();
+    const bool type_stored = replaced.content_type.data() == replaced.content_type_storage.data();
+    r->resp = std::move(replaced);
+    if (body_stored) r->resp.body = r->resp.body_storage;
+    if (type_stored) r->resp.content_type = r->resp.content_type_storage;
+    r->resp.allow = allow;
+    r->resp.retry_after_s = retry;
+    r->resp.budget = budget;
+  }
+  Py_XDECREF(result);
 }
 
 absl::StatusOr<std::string> PythonStage::CheckDeep(StageEnv& env) {
@@ -463,12 +542,9 @@ void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
         python_->rss_sheds.Add();
         LOG_RATE_LIMITED(LogLevel::kWarn, "shed %.*s with 503: process RSS above python.budget.rss_limit",
                          static_cast<int>(r->head.target.size()), r->head.target.data());
-        r->resp.Reset();
-        r->resp.status = 503;
+        r->resp.SetError(503, "server over its memory limit; retry later");
         r->resp.budget = "rss";
         r->resp.retry_after_s = http_config_.retry_after_s;
-        r->resp.content_type = kText;
-        r->resp.body = "server over its memory limit; retry later\n";
         r->responded = true;
       } else if (Handle(r, out)) {
         continue;  // a task now: it answers when it is done (OnDone)
@@ -541,6 +617,14 @@ PyObject* PythonStage::Budgeted(const http::Request* r, const http::RouteTarget&
 bool PythonStage::Handle(http::Request* r, Outbox& out) {
   (void)out;
   const http::RouteTarget& target = routes_->targets[static_cast<size_t>(r->route)];
+  if (target.handler < 0) {
+    // route's own answer (404, 405, OPTIONS), handed over for the app's error handlers and
+    // plugins (LoadErrorHandlers).
+    ApplyErrorHandler(r);
+    if (r->plugins_seen != 0) CallOnResponse(r, static_cast<PyObject*>(r->py_request));
+    r->responded = true;
+    return false;
+  }
   PythonShared::Handler& h = python_->handlers[static_cast<size_t>(target.handler)];
   RouteStats& stats = *h.stats;
   if (python_->interface == Interface::kWsgi) {
@@ -1609,13 +1693,10 @@ void PythonStage::BudgetFail(http::Request* r, RouteStats& stats, const char* ki
                      stats.label.c_str(), FormatSize(static_cast<uint64_t>(budget)).c_str(),
                      static_cast<double>(used) / (1 << 20), static_cast<int>(r->request_id_len), r->request_id);
   }
-  r->resp.Reset();
-  r->resp.status = 503;
+  r->resp.SetError(503, cpu ? "request exceeded its cpu budget" : hard ? "request exceeded its time limit"
+                                                                    : "request exceeded its memory budget");
   r->resp.budget = cpu ? "cpu" : hard ? "hard" : "memory";
-  r->resp.content_type = kText;
-  r->resp.body = cpu ? "request exceeded its cpu budget\n" : hard ? "request exceeded its time limit\n"
-                                                              : "request exceeded its memory budget\n";
-  r->responded = true;
+  AfterServerAnswer(r);
 }
 
 // A 500 (the pending exception's traceback goes to the log, never to the client).
@@ -1629,6 +1710,14 @@ void PythonStage::Fail(http::Request* r, RouteStats& stats, int status) {
                    static_cast<int>(r->request_id_len), r->request_id, tb.c_str());
   SetInternalError(&r->resp);
   r->resp.status = status;
+  AfterServerAnswer(r);
+}
+
+// The server answered for the app (a 500, a budget's 503): the app's error handler and its
+// plugins' on_response see it too.
+void PythonStage::AfterServerAnswer(http::Request* r) {
+  if (!python_->error_handlers.empty()) ApplyErrorHandler(r);
+  if (r->plugins_seen != 0 && r->py_request != nullptr) CallOnResponse(r, static_cast<PyObject*>(r->py_request));
   r->responded = true;
 }
 

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <deque>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,6 +42,7 @@ struct PythonShared {
   Interface interface = Interface::kMetronome;
   PyObject* app = nullptr;        // the app object (WSGI callable, ASGI app, metronome.App)
   PyObject* lifespan_state = nullptr;  // ASGI: the dict lifespan startup filled (borrowed)
+  std::map<int, PyObject*> error_handlers;  // @app.error(status)
   wsgi::ServerInfo wsgi_info;
   // Stage plugins in pipeline order; the python stages call on_response after the handler.
   std::vector<PyObject*> plugins;
@@ -90,6 +92,9 @@ class PythonStage : public Stage, public asgi::Host {
   // WSGI/ASGI apps declare no routes: one catch-all target, plus python.routes' paths with
   // their own budgets.
   absl::Status LoadAppRoutes();
+  absl::Status LoadErrorHandlers();
+  void ApplyErrorHandler(http::Request* r);
+  void AfterServerAnswer(http::Request* r);
   // A streamed response in progress on this lane (stages/http/stream.h).
   struct Stream {
     http::Request* request = nullptr;  // its head: an identity only, once emitted

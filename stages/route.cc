@@ -79,6 +79,7 @@ absl::Status RouteStage::Connect(StageEnv& env) {
   std::vector<std::string> errors;
   for (size_t i = 0; i < table_->targets.size(); ++i) {
     const RouteTarget& t = table_->targets[i];
+    if (t.kind == RouteTarget::Kind::kPython && t.handler < 0) continue;  // the error target: not a path
     if (t.kind == RouteTarget::Kind::kPython && next_ < 0) {
       errors.push_back(absl::StrCat(t.declared_at, ": route ", MethodName(t.method), " ", t.pattern,
                                     " needs a python stage after route"));
@@ -102,10 +103,23 @@ bool RouteStage::ParamsAreSafe(const Request& r) {
   return true;
 }
 
-void RouteStage::Answer(Request* r, int status, absl::string_view body, Outbox& out) {
-  r->resp.status = status;
-  r->resp.content_type = "text/plain; charset=utf-8";
-  r->resp.body = std::string_view(body.data(), body.size());
+void RouteStage::Answer(Request* r, int status, absl::string_view detail, Outbox& out) {
+  std::string_view allow = r->resp.allow;
+  if (status == 204) {
+    r->resp.Reset();
+    r->resp.status = 204;
+  } else {
+    r->resp.SetError(status, std::string_view(detail.data(), detail.size()));
+  }
+  r->resp.allow = allow;
+  if (dispatch_->error_target >= 0 && status != 501) {
+    // The app sees it: its plugins (a CORS preflight) and its error handlers (@app.error),
+    // with this answer prepared; the python stage keeps it unless they change it.
+    r->route = dispatch_->error_target;
+    const RouteTarget& t = table_->targets[static_cast<size_t>(r->route)];
+    if (!dispatch_->Forward(r, t, dispatch_here_, next_, serialize_, config_.retry_after_s, out)) shed_.Add();
+    return;
+  }
   AnswerEarly(r, serialize_, out);
 }
 
@@ -120,7 +134,7 @@ void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
     const RequestHead& h = r->head;
     if (h.method_id == Method::kOther) {
       not_implemented_.Add();
-      Answer(r, 501, "method not implemented\n", out);
+      Answer(r, 501, "method not implemented", out);
       continue;
     }
     std::string_view allow;
@@ -128,19 +142,24 @@ void RouteStage::Process(std::span<Item* const> batch, Outbox& out) {
     switch (router_.Find(h.method_id, r->path, r, &allow, &target)) {
       case Router::Result::kNotFound:
         not_found_.Add();
-        Answer(r, 404, "not found\n", out);
+        Answer(r, 404, "not found", out);
         continue;
       case Router::Result::kMethodNotAllowed:
-        not_allowed_.Add();
         r->resp.allow = allow;
-        Answer(r, 405, "method not allowed\n", out);
+        if (h.method_id == Method::kOptions) {
+          options_.Add();
+          Answer(r, 204, "", out);  // what the resource allows (a CORS plugin may add to it)
+          continue;
+        }
+        not_allowed_.Add();
+        Answer(r, 405, "method not allowed", out);
         continue;
       case Router::Result::kFound:
         break;
     }
     if (!ParamsAreSafe(*r)) {
       unsafe_params_.Add();
-      Answer(r, 400, "a path parameter decodes to a dot segment or a NUL\n", out);
+      Answer(r, 400, "a path parameter decodes to a dot segment or a NUL", out);
       continue;
     }
     found_.Add();
@@ -165,6 +184,7 @@ void RouteStage::ExtraStats(StatsSink& sink) const {
   sink.Value("not_implemented_total", static_cast<double>(not_implemented_.Get()));
   sink.Value("shed_total", static_cast<double>(shed_.Get()));
   sink.Value("unsafe_params_total", static_cast<double>(unsafe_params_.Get()));
+  sink.Value("options_answered_total", static_cast<double>(options_.Get()));
 }
 
 METRONOME_REGISTER_STAGE("route", RouteStage);

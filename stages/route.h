@@ -28,7 +28,7 @@ class RouteStage : public Stage {
   int next_ = -1;  // the stage after route (python or a plugin), when there is one
   bool dispatch_here_ = true;  // no plugin in between: route picks the python lane
   Dispatch* dispatch_ = nullptr;
-  Counter found_, not_found_, not_allowed_, not_implemented_, shed_, unsafe_params_;
+  Counter found_, not_found_, not_allowed_, not_implemented_, shed_, unsafe_params_, options_;
 };
 
 }  // namespace metronome::http

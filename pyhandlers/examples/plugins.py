@@ -58,3 +58,41 @@ class RequestCounter:
             n = self.counts.get(req.path, 0)
         resp.set_header(self.header, n)
         return resp
+
+
+class Cors:
+    """CORS for the routes behind it, as a plugin: it answers preflights (OPTIONS with an
+    Access-Control-Request-Method) itself, and adds Access-Control-Allow-Origin to every
+    response for an allowed origin — errors included, since the server hands its own 404, 405
+    and 500 answers to plugins too.
+
+        - {stage: python-plugin, name: cors, plugin: "examples.plugins:Cors",
+           config: {origins: ["https://app.example"], max_age: 600}}
+    """
+
+    def __init__(self, config):
+        self.origins = set(config.get("origins", []))
+        self.any_origin = "*" in self.origins
+        self.max_age = int(config.get("max_age", 600))
+        self.headers = ", ".join(config.get("headers", ["Content-Type", "Authorization"]))
+
+    def _allowed(self, origin):
+        return origin is not None and (self.any_origin or origin in self.origins)
+
+    def on_request(self, req):
+        origin = req.headers.get("Origin")
+        if req.method == "OPTIONS" and req.headers.get("Access-Control-Request-Method") and self._allowed(origin):
+            return metronome.Response(b"", status=204, headers=[
+                ("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                ("Access-Control-Allow-Headers", self.headers),
+                ("Access-Control-Max-Age", str(self.max_age)),
+                ("Vary", "Origin"),
+            ])
+        return None
+
+    def on_response(self, req, resp):
+        origin = req.headers.get("Origin")
+        if self._allowed(origin):
+            resp.set_header("Access-Control-Allow-Origin", origin)
+            resp.set_header("Vary", "Origin")

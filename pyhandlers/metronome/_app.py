@@ -120,10 +120,15 @@ class App:
     heavy=True marks a route as heavy (see the budgets in README).
     """
 
-    def __init__(self):
+    def __init__(self, errors="text"):
+        if errors not in ("text", "json"):
+            raise ValueError(f"App(errors=...): 'text' or 'json', not {errors!r}")
+        # The form of the server's own error answers (404, 405, 500, budget 503s, 400s...).
+        self.errors = errors
         self._routes = []
         self._startup = []
         self._shutdown = []
+        self._error_handlers = {}
 
     def route(self, path, methods=("GET",), *, cpu_budget=None, memory_budget=None, heavy=False):
         if isinstance(methods, str):
@@ -163,6 +168,26 @@ class App:
 
     def delete(self, path, **kw):
         return self.route(path, ["DELETE"], **kw)
+
+    def error(self, status):
+        """Registers fn(req, status) for the server's own answers with that status (404 and 405
+        from routing, 500 for an exception, 503 for a budget, OPTIONS as 204): it returns what a
+        handler returns; a plain body keeps the status.
+
+            @app.error(404)
+            def not_found(req, status):
+                return {"error": "no such page", "path": req.path}
+        """
+        status = int(status)
+
+        def register(fn):
+            self._error_handlers[status] = fn
+            return fn
+
+        return register
+
+    def error_handlers(self):
+        return dict(self._error_handlers)
 
     def on_startup(self, fn):
         """Registers fn() to run once before the server answers (on the python stage's thread)."""

@@ -62,6 +62,11 @@ class Dispatch {
   }
   void Idle(int lane) { lanes_[static_cast<size_t>(lane)]->busy_since_ns.store(0, std::memory_order_relaxed); }
 
+  // The route table's target for the server's own answers that the app wants to see (404,
+  // 405, OPTIONS: its error handlers, its plugins' on_request/on_response), or -1 when route
+  // answers them itself. Set by the python stage in Start, read by route in Connect.
+  int error_target = -1;
+
  private:
   struct Lane {
     int stage = -1;

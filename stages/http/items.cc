@@ -1,8 +1,38 @@
 #include "stages/http/items.h"
 
+#include <atomic>
 #include <cassert>
+#include <string>
 
 namespace metronome::http {
+
+namespace {
+std::atomic<bool> g_errors_json{false};
+}  // namespace
+
+void SetErrorsAsJson(bool json) { g_errors_json.store(json, std::memory_order_relaxed); }
+bool ErrorsAsJson() { return g_errors_json.load(std::memory_order_relaxed); }
+
+void Response::SetError(int status_value, std::string_view detail) {
+  Reset();
+  status = status_value;
+  if (ErrorsAsJson()) {
+    content_type = "application/json";
+    body_storage = "{\"error\":\"";
+    for (char c : detail) {
+      if (c == '"' || c == '\\') body_storage += '\\';
+      if (static_cast<unsigned char>(c) >= 0x20) body_storage += c;
+    }
+    body_storage += "\",\"status\":";
+    body_storage += std::to_string(status_value);
+    body_storage += "}";
+  } else {
+    content_type = "text/plain; charset=utf-8";
+    body_storage.assign(detail.data(), detail.size());
+    body_storage += '\n';
+  }
+  body = body_storage;
+}
 
 void Response::Reset() {
   status = 200;

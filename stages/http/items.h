@@ -122,12 +122,12 @@ struct Response {
   bool streaming() const { return framing != Framing::kLength; }
 
   void Reset();
+  // An error the server answers itself (ErrorsAsJson() picks the body's form). `detail` is
+  // static text, without a trailing newline.
+  void SetError(int status_value, std::string_view detail);
   // 503 for overload (a full queue ahead): the client may retry after `retry_after_s`.
   void SetBusy(int retry_after_s_value) {
-    Reset();
-    status = 503;
-    content_type = "text/plain; charset=utf-8";
-    body = "server busy; retry later\n";
+    SetError(503, "server busy; retry later");
     retry_after_s = retry_after_s_value;
   }
   void SetBodyCopy(std::string_view text) {
@@ -135,6 +135,13 @@ struct Response {
     body = body_storage;
   }
 };
+
+// The server's own error bodies (parse's 400s, route's 404/405, the python stage's 500/503s):
+// text/plain by default; {"error": "...", "status": N} as application/json when
+// server.error_format is json or the app asks for it (App(errors="json")). Process-wide; set
+// before traffic, read by any stage.
+void SetErrorsAsJson(bool json);
+bool ErrorsAsJson();
 
 struct Request : WirePiece {
   explicit Request(const Limits& limits) : WirePiece(Kind::kRequest), chunked(limits) {}

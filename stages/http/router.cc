@@ -113,6 +113,9 @@ void Router::RecomputeAllow(Node& n) {
     if (!n.allow.empty()) n.allow += ", ";
     n.allow += MethodName(static_cast<Method>(i));
   }
+  // OPTIONS is answered for every resource that has a route (route.cc), with or without a
+  // handler of its own (RFC 9110 9.3.7).
+  if (n.targets[static_cast<int>(Method::kOptions)] < 0) n.allow += ", OPTIONS";
 }
 
 bool Router::Match(int node, std::string_view rest, Request* r, int depth, int* out_node) const {

@@ -62,6 +62,7 @@ HttpConfig ReadHttpConfig(ConfigNode root) {
     }
   }
   c.echo_request_id = server.Bool("echo_request_id", c.echo_request_id);
+  c.errors_json = server.Enum("error_format", "text", {"text", "json"}) == "json";
   c.stream_buffer_bytes = static_cast<int64_t>(server.SizeBytes("stream_buffer_size", static_cast<uint64_t>(c.stream_buffer_bytes), 1024, 1ull << 30));
   c.stream_chunks = static_cast<uint32_t>(server.Int("stream_chunks", c.stream_chunks, 16, 1 << 20));
   c.stream_stall_timeout_ns = server.DurationNs("stream_stall_timeout", c.stream_stall_timeout_ns, kNanosPerMilli, 3600 * kNanosPerSecond);
@@ -82,6 +83,7 @@ HttpConfig ReadHttpConfig(ConfigNode root) {
 void HttpShared::Setup(const HttpConfig& config) {
   if (ready_) return;
   config_ = config;
+  SetErrorsAsJson(config.errors_json);
   conns.Init(config.max_connections);
   // 2 KiB covers a typical head, a small body and a small response without reallocating.
   requests.Init(config.max_inflight, config_.limits, 2048);

@@ -45,6 +45,7 @@ struct HttpConfig {
   bool access_log_json = false;        // server.access_log_format: json (else common)
   std::string request_id_header = "X-Request-Id";  // taken from the request, made when absent
   bool echo_request_id = true;         // ... and sent back in the response
+  bool errors_json = false;            // server.error_format: json (the app may ask for it too)
   // Streamed responses (stream.h):
   int64_t stream_buffer_bytes = 256 * 1024;       // per connection, waiting for the client
   uint32_t stream_chunks = 4096;                  // the chunk pool, shared by every stream

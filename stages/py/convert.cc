@@ -280,12 +280,7 @@ bool HttpErrorToResponse(http::Response* resp) {
   return true;
 }
 
-void SetInternalError(http::Response* resp) {
-  resp->Reset();
-  resp->status = 500;
-  resp->content_type = kText;
-  resp->body = "internal server error\n";
-}
+void SetInternalError(http::Response* resp) { resp->SetError(500, "internal server error"); }
 
 PyObject* ResponseToPython(const http::Response& resp) {
   const Helpers& h = GetHelpers();

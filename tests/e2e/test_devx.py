@@ -103,5 +103,78 @@ class RequestIdTest(unittest.TestCase):
             self.assertGreaterEqual(entry["duration_s"], 0)
 
 
+PLUGIN_PIPELINE = """
+pipeline:
+  - {stage: accept}
+  - {stage: parse}
+  - {stage: route}
+  - {stage: python-plugin, name: cors, plugin: "examples.plugins:Cors", config: {origins: ["https://app.example"]}}
+  - {stage: python}
+  - {stage: serialize}
+  - {stage: send}
+"""
+PYHANDLERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "pyhandlers")
+
+
+def send(srv, method, path, headers=None, body=b""):
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        s.sendall(request(method, path, headers=headers or {}, body=body))
+        return Reader(s).read_response(head_request=method == "HEAD")
+    finally:
+        s.close()
+
+
+class ErrorBodiesTest(unittest.TestCase):
+    def test_json_errors_and_an_error_handler(self):
+        with Server(python_config("errors_app:app", path=(APPS,))) as srv:
+            r = send(srv, "GET", "/nowhere")
+            self.assertEqual((r.status, r.header("content-type")), (404, "application/json"))
+            self.assertEqual(json.loads(r.body), {"error": "no such page", "path": "/nowhere", "status": 404})
+            r = send(srv, "DELETE", "/items/1")
+            self.assertEqual((r.status, r.header("content-type")), (405, "application/json"))
+            self.assertEqual(json.loads(r.body), {"error": "method not allowed", "status": 405})
+            self.assertEqual(r.header("allow"), "GET, HEAD, POST, OPTIONS")
+            r = send(srv, "GET", "/boom")
+            self.assertEqual(json.loads(r.body), {"error": "internal server error", "status": 500})
+            # parse's own 400s take the form too
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n")
+            r = Reader(s).read_response()
+            s.close()
+            self.assertEqual((r.status, r.header("content-type")), (400, "application/json"))
+            self.assertEqual(json.loads(r.body)["status"], 400)
+
+    def test_error_format_from_the_config(self):
+        cfg = "server:\n  error_format: json\n" + python_config("devx_app:app", path=(APPS,))
+        with Server(cfg) as srv:
+            r = send(srv, "GET", "/nowhere")
+            self.assertEqual(json.loads(r.body), {"error": "not found", "status": 404})
+
+    def test_options_gets_a_correct_allow(self):
+        with Server(python_config("errors_app:app", path=(APPS,))) as srv:
+            r = send(srv, "OPTIONS", "/items/7")
+            self.assertEqual(r.status, 204)
+            self.assertEqual(r.header("allow"), "GET, HEAD, POST, OPTIONS")
+            self.assertEqual(r.body, b"")
+
+    def test_a_cors_plugin_sees_preflights_and_errors(self):
+        cfg = f'python:\n  app: "errors_app:app"\n  path: ["{APPS}", "{PYHANDLERS}"]\n' + PLUGIN_PIPELINE
+        with Server(cfg) as srv:
+            origin = {"Origin": "https://app.example"}
+            r = send(srv, "OPTIONS", "/items/7", headers={**origin, "Access-Control-Request-Method": "POST"})
+            self.assertEqual(r.status, 204)
+            self.assertEqual(r.header("access-control-allow-origin"), "https://app.example")
+            self.assertIn("POST", r.header("access-control-allow-methods"))
+            for method, path, status in (("GET", "/items/7", 200), ("GET", "/nowhere", 404),
+                                         ("DELETE", "/items/7", 405), ("GET", "/boom", 500)):
+                with self.subTest(path=path):
+                    r = send(srv, method, path, headers=origin)
+                    self.assertEqual(r.status, status)
+                    self.assertEqual(r.header("access-control-allow-origin"), "https://app.example")
+            r = send(srv, "GET", "/items/7", headers={"Origin": "https://evil.example"})
+            self.assertIsNone(r.header("access-control-allow-origin"))
+
+
 if __name__ == "__main__":
     unittest.main()

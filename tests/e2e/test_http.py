@@ -263,11 +263,14 @@ class HttpTest(SharedServerTest, unittest.TestCase):
         s.sendall(request("POST", "/plaintext", body=b"x"))
         resp = r.read_response()
         self.assertEqual(resp.status, 405)
-        self.assertEqual(resp.header("allow"), "GET, HEAD")
+        self.assertEqual(resp.header("allow"), "GET, HEAD, OPTIONS")  # OPTIONS: answered for every route
         s.sendall(request("DELETE", "/echo"))
         resp = r.read_response()
         self.assertEqual(resp.status, 405)
-        self.assertEqual(resp.header("allow"), "POST, PUT")
+        self.assertEqual(resp.header("allow"), "POST, PUT, OPTIONS")
+        s.sendall(request("OPTIONS", "/echo"))
+        resp = r.read_response()
+        self.assertEqual((resp.status, resp.header("allow")), (204, "POST, PUT, OPTIONS"))
         s.sendall(request("GET", "/plaintext"))
         self.assertOk(r.read_response(), HELLO)
 
