@@ -48,10 +48,11 @@ def big_part(i):
 
 def stream_config(server="", pipeline_plugins="", extra_path=()):
     paths = ", ".join(json.dumps(p) for p in (APPS, *extra_path))
+    if "keepalive_timeout" not in server:
+        server = "  keepalive_timeout: 10s\n" + server
     return f"""
 admin: {{listen: 127.0.0.1:0}}
 server:
-  keepalive_timeout: 10s
 {server}
 python:
   app: "stream_app:app"
@@ -727,6 +728,177 @@ class FramingFields(StreamTest):
         for case in ("value-crlf", "value-lf", "value-nul", "name-space", "name-colon", "name-crlf", "stream-crlf"):
             with self.subTest(case=case):
                 self.assert500(case)
+
+
+# --- more edges -----------------------------------------------------------------------------
+
+class StreamEdges(StreamTest):
+    CONFIG = stream_config(server="  stream_stall_timeout: 1s\n  stream_buffer_size: 16KiB\n  keepalive_timeout: 1s\n")
+
+    def test_slow_reader_of_one_big_item_is_not_a_stall(self):
+        # One 8 MiB item, read steadily but slower than the 1 s stall timeout allows for all of
+        # it: the client takes bytes all the time, so it has not stalled.
+        size = 8 << 20
+        s, r = self.connect(timeout=30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(request("GET", f"/one-item?id=slow&size={size}"))
+        got = b""
+        t0 = time.monotonic()
+        while True:
+            try:
+                data = s.recv(32 * 1024)  # ~1.6 MB/s: the 8 MiB take seconds past the buffers
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            got += data
+            if got.endswith(b"0\r\n\r\n"):
+                break
+            time.sleep(0.02)
+        head, _, body = got.partition(b"\r\n\r\n")
+        self.assertTrue(body.endswith(b"0\r\n\r\n"),
+                        f"cut after {len(body)} body bytes in {time.monotonic() - t0:.1f} s of steady reading")
+
+    def test_half_closed_client_gets_the_whole_stream(self):
+        # A client that sends its request and shuts its write side down (curl, nc -q) still
+        # reads the whole stream.
+        flag = self.flag()
+        s, r = self.connect()
+        s.sendall(request("GET", f"/wait?file={quote(flag)}"))
+        s.shutdown(socket.SHUT_WR)
+        self.assertOneChunkedHead(self.prompt("the head", read_head, r))
+        self.assertEqual(self.prompt("the first chunk", read_chunk, r), b"a")
+        time.sleep(1.5)  # past keepalive_timeout and linger_timeout... of an idle connection
+        with open(flag, "w"):
+            pass
+        self.assertEqual(read_chunked_body(r), b"b")
+        self.assertEqual(read_to_eof(r), b"")
+
+    # KNOWN BUG (parse.cc, not streaming's code): parse arms server.keepalive_timeout when a
+    # request is complete, not when its response is written. A response that takes longer
+    # (a stream, a slow handler) lets the idle timer fire mid-response; send holds the shutdown
+    # until that response is written, then shuts the connection: the client's next request
+    # (even one already pipelined and parsed) gets EOF. Remove the decorator with the fix.
+    @unittest.expectedFailure
+    def test_stream_longer_than_keepalive_timeout_then_next_request(self):
+        # The connection is not idle while its response streams: the keep-alive timeout must not
+        # end it as soon as the stream is done.
+        flag = self.flag()
+        s, r = self.connect()
+        s.sendall(request("GET", f"/wait?file={quote(flag)}"))
+        self.assertEqual(self.prompt("the first chunk", lambda: (read_head(r), read_chunk(r))[1]), b"a")
+        time.sleep(1.5)
+        with open(flag, "w"):
+            pass
+        self.assertEqual(read_chunked_body(r), b"b")
+        s.sendall(request("GET", "/json"))
+        try:
+            resp = r.read_response()
+        except EOFError:
+            self.fail("the connection was closed after the stream; parse's timeouts_keepalive_total: "
+                      f"{stage_extra(self.server, 'parse', 'timeouts_keepalive_total')}")
+        self.assertEqual(resp.body, b'{"message":"Hello, World!"}')
+
+    def test_no_body_status_with_an_iterator(self):
+        for status in (204, 304):
+            with self.subTest(status=status):
+                name = f"nobody-{status}"
+                s, r = self.connect()
+                s.sendall(request("GET", f"/no-body-status?id={name}&status={status}") + request("GET", "/json"))
+                head = read_head(r)
+                self.assertEqual(status_of(head), status, head)
+                self.assertEqual(field_values(head, "transfer-encoding"), [], head)
+                self.assertEqual(field_values(head, "content-length"), [], head)
+                self.assertEqual(r.read_response().body, b'{"message":"Hello, World!"}')
+                self.assertEqual(self.events(name)["items"], 0)
+
+    def test_head_with_declared_length(self):
+        s, r = self.connect()
+        s.sendall(request("HEAD", "/declared?n=6&len=6") + request("GET", "/json"))
+        head = read_head(r)
+        self.assertEqual(field_values(head, "content-length"), ["6"], head)
+        self.assertEqual(field_values(head, "transfer-encoding"), [], head)
+        self.assertEqual(r.read_response().body, b'{"message":"Hello, World!"}')
+
+    def test_bad_item_mid_stream_is_cut(self):
+        s, r = self.connect()
+        s.sendall(request("GET", "/bad-item") + request("GET", "/json"))
+        self.assertOneChunkedHead(read_head(r))
+        self.assertCut(r, b"a\r\nfirst part\r\n")
+
+    def test_connection_close_from_the_app_on_a_stream(self):
+        s, r = self.connect()
+        s.sendall(request("GET", "/stream-close") + request("GET", "/json"))
+        head = read_head(r)
+        self.assertOneChunkedHead(head)
+        self.assertEqual([v.lower() for v in field_values(head, "connection")], ["close"], head)
+        self.assertEqual(read_chunked_body(r), b"ab")  # complete, with its last chunk
+        self.assertEqual(read_to_eof(r), b"")
+
+    def test_connection_close_from_the_client_on_a_stream(self):
+        s, r = self.connect()
+        s.sendall(request("GET", "/ct/str", headers={"Connection": "close"}))
+        head = read_head(r)
+        self.assertOneChunkedHead(head)
+        self.assertEqual([v.lower() for v in field_values(head, "connection")], ["close"], head)
+        self.assertEqual(read_chunked_body(r), "éx".encode())
+        self.assertEqual(read_to_eof(r), b"")
+
+
+class SmallChunkPool(StreamTest):
+    """server.stream_chunks at its minimum: concurrent streams share 16 chunks."""
+    CONFIG = stream_config(server="  stream_chunks: 16\n")
+
+    def test_concurrent_streams_complete(self):
+        socks = []
+        for i in range(3):
+            s, r = self.connect(timeout=30)
+            s.sendall(request("GET", f"/endless?id=pool{i}&size=100"))
+            socks.append((s, r))
+        for s, r in socks:
+            self.assertEqual(status_of(read_head(r)), 200)
+        # Every stream moves while the others hold chunks.
+        for _ in range(50):
+            for s, r in socks:
+                self.assertIsNotNone(read_chunk(r))
+        for s, r in socks:
+            s.close()
+        for i in range(3):
+            self.assertTrue(wait_for(lambda: self.events(f"pool{i}")["finally"], timeout=10))
+        self.assertTrue(wait_for(lambda: stage_extra(self.server, "python", "streams_open") == 0))
+        s, r = self.connect()
+        s.sendall(request("GET", "/recorded-gen?id=pool-after"))
+        self.assertOneChunkedHead(read_head(r))
+        self.assertEqual(read_chunked_body(r), b"part\n" * 3)
+
+
+class StopDuringStream(unittest.TestCase):
+    """SIGTERM while an endless stream runs: it is cut (its generator closed) and the server
+    exits within its drain timeout."""
+
+    def test_stop_cuts_endless_stream(self):
+        tmp = tempfile.mkdtemp(prefix="metronome-stream-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        marker = os.path.join(tmp, "marker")
+        os.environ["STREAM_E2E_MARKER"] = marker
+        try:
+            server = Server("runtime:\n  drain_timeout: 2s\n" + stream_config())
+        finally:
+            del os.environ["STREAM_E2E_MARKER"]
+        with server:
+            s = server.connect(timeout=10)
+            self.addCleanup(s.close)
+            r = Reader(s)
+            s.sendall(request("GET", "/sse-endless"))
+            head = read_head(r)
+            self.assertEqual(field_values(head, "content-type"), ["text/event-stream"])
+            self.assertEqual(read_chunk(r), b"data: 0\n\n")
+            code = server.stop(timeout=20)
+            self.assertEqual(code, 0, server.read_log())
+            rest = read_to_eof(r)
+            self.assertFalse(rest.endswith(b"0\r\n\r\n"), "a cut stream ended with the last chunk")
+            with open(marker) as f:
+                self.assertEqual(f.read(), "finally\n")
 
 
 if __name__ == "__main__":

@@ -269,3 +269,61 @@ FIELD_CASES = {
 @app.get("/fields/{case}")
 def fields(req, case):
     return FIELD_CASES[case]()
+
+
+# --- more edges -----------------------------------------------------------------------------
+
+@app.get("/one-item", cpu_budget=WAIT_BUDGET)
+def one_item(req):
+    """One item of ?size= bytes (a pattern), then the end."""
+    size = int(req.query.get("size", str(8 << 20)))
+    ev = _events(req)
+
+    def gen():
+        try:
+            ev["items"] = 1
+            yield (b"0123456789abcdef" * (size // 16 + 1))[:size]
+        finally:
+            ev["finally"] = True
+    return gen()
+
+
+@app.get("/no-body-status")
+def no_body_status(req):
+    ev = _events(req)
+
+    def gen():
+        ev["items"] += 1
+        yield "never on the wire"
+    return metronome.Response(gen(), status=int(req.query.get("status", "204")))
+
+
+@app.get("/bad-item")
+def bad_item(req):
+    def gen():
+        yield "first part"
+        yield 42
+    return gen()
+
+
+@app.get("/stream-close")
+def stream_close(req):
+    return metronome.Response(iter(["a", "b"]), headers={"Connection": "close"})
+
+
+@app.get("/sse-endless")
+def sse_endless(req):
+    """An event every 20 ms until the server stops asking; the finally marks $STREAM_E2E_MARKER."""
+    def gen():
+        try:
+            n = 0
+            while True:
+                yield f"data: {n}\n\n"
+                n += 1
+                time.sleep(0.02)
+        finally:
+            path = os.environ.get("STREAM_E2E_MARKER")
+            if path:
+                with open(path, "a") as f:
+                    f.write("finally\n")
+    return metronome.Response(gen(), content_type="text/event-stream")
