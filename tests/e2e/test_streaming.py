@@ -845,6 +845,42 @@ class StreamEdges(StreamTest):
         self.assertEqual(read_to_eof(r), b"")
 
 
+    def test_garbage_after_a_stream(self):
+        # A malformed request pipelined after a stream: the stream completes, then the 400.
+        s, r = self.connect()
+        s.sendall(request("GET", "/recorded-gen?id=garbage") + b"NOT HTTP AT ALL\r\n\r\n")
+        self.assertOneChunkedHead(read_head(r))
+        self.assertEqual(read_chunked_body(r), b"part\n" * 3)
+        self.assertEqual(r.read_response().status, 400)
+
+
+class CloseUnderBudget(StreamTest):
+    """The server closing an iterator runs the app's code (a generator's finally, a close()
+    method): under the route's CPU budget like every other step."""
+
+    def test_generator_finally_at_a_cut(self):
+        kills_before = stage_extra(self.server, "python", "budget_cpu_kills_total")
+        s, r = self.connect(timeout=30)
+        s.sendall(request("GET", "/burn-in-close?id=close-gen"))
+        head = read_head(r)
+        self.assertEqual(field_values(head, "content-length"), ["1"], head)
+        self.assertEqual(read_to_eof(r), b"a")
+        ev = self.events("close-gen")
+        self.assertTrue(ev["finally"])
+        self.assertEqual(ev["exit"], "BudgetExceeded", "the finally ran past the budget")
+        self.assertGreaterEqual(stage_extra(self.server, "python", "budget_cpu_kills_total") - kills_before, 1)
+
+    def test_iterator_close_on_head(self):
+        s, r = self.connect(timeout=30)
+        s.sendall(request("HEAD", "/burning-close?id=close-head") + request("GET", "/json"))
+        self.assertOneChunkedHead(read_head(r))
+        self.assertEqual(r.read_response().status, 200)
+        ev = self.events("close-head")
+        self.assertEqual(ev["items"], 0)
+        self.assertTrue(ev["closed"])
+        self.assertEqual(ev["exit"], "BudgetExceeded", "close() ran past the budget")
+
+
 class SmallChunkPool(StreamTest):
     """server.stream_chunks at its minimum: concurrent streams share 16 chunks."""
     CONFIG = stream_config(server="  stream_chunks: 16\n")

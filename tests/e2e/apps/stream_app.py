@@ -327,3 +327,47 @@ def sse_endless(req):
                 with open(path, "a") as f:
                     f.write("finally\n")
     return metronome.Response(gen(), content_type="text/event-stream")
+
+
+@app.get("/burn-in-close", cpu_budget="50ms")
+def burn_in_close(req):
+    """Declares 1 byte and yields 2: the server cuts the stream and closes the generator, whose
+    finally then burns CPU far past the budget (unless the budget stops it)."""
+    ev = _events(req)
+
+    def gen():
+        try:
+            yield b"ab"
+        finally:
+            ev["finally"] = True
+            try:
+                burn(2000)
+            except metronome.BudgetExceeded:
+                ev["exit"] = "BudgetExceeded"
+    return metronome.Response(gen(), headers={"Content-Length": "1"})
+
+
+class BurningClose:
+    """An iterator whose close() burns CPU (HEAD closes it without stepping it)."""
+
+    def __init__(self, ev):
+        self.ev = ev
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.ev["items"] += 1
+        return b"x"
+
+    def close(self):
+        self.ev["closed"] = True
+        try:
+            burn(2000)
+        except metronome.BudgetExceeded:
+            self.ev["exit"] = "BudgetExceeded"
+
+
+@app.get("/burning-close", cpu_budget="50ms")
+def burning_close(req):
+    return BurningClose(_events(req))
