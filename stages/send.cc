@@ -421,6 +421,10 @@ void SendStage::ExtraStats(StatsSink& sink) const {
   sink.Value("body_chunks_written_total", static_cast<double>(chunks_written_.Get()));
   sink.Value("body_chunks_dropped_total", static_cast<double>(chunks_dropped_.Get()));
   sink.Value("streams_aborted_total", static_cast<double>(streams_aborted_.Get()));
+  // The body chunk pool (server.stream_chunks), shared by every stream of the server.
+  const bool ready = shared_ != nullptr && shared_->ready();
+  sink.Value("stream_chunks_in_use", static_cast<double>(ready ? shared_->body_chunks.in_use() : 0));
+  sink.Value("stream_chunk_pool_empty_total", static_cast<double>(ready ? shared_->body_chunks.empty_events() : 0));
   sink.Histogram("request_seconds", latency_ns_);
 }
 

@@ -908,6 +908,43 @@ class SmallChunkPool(StreamTest):
         self.assertEqual(read_chunked_body(r), b"part\n" * 3)
 
 
+class ChunkPoolEmpty(StreamTest):
+    """One client that stops reading a stream of small items holds every chunk of a 16-chunk
+    pool: a new stream is a 503 (whole, with Retry-After), and the pool comes back when that
+    client goes."""
+    CONFIG = stream_config(server="  stream_chunks: 16\n")
+
+    def test_new_stream_is_503_while_the_pool_is_empty(self):
+        s, r = self.connect(timeout=30)
+        s.sendall(request("GET", "/endless?id=hog&size=1000"))
+        # Until the socket buffers are full and nothing moves: every chunk is then held.
+        written = [None]
+
+        def stuck():
+            now = stage_extra(self.server, "send", "bytes_out_total")
+            still = now == written[0]
+            written[0] = now
+            return still and stage_extra(self.server, "send", "stream_chunks_in_use") == 16
+        self.assertTrue(wait_for(stuck, timeout=20, interval=0.5),
+                        f"in use: {stage_extra(self.server, 'send', 'stream_chunks_in_use')}")
+        s2, r2 = self.connect()
+        s2.sendall(request("GET", "/ct/str") + request("GET", "/json"))
+        head = read_head(r2)
+        self.assertEqual(status_of(head), 503, head)
+        self.assertEqual(field_values(head, "transfer-encoding"), [], head)
+        self.assertEqual(len(field_values(head, "retry-after")), 1, head)
+        r2.read_exact(int(field_values(head, "content-length")[0]))
+        self.assertEqual(r2.read_response().status, 200)  # the connection goes on
+        self.assertIn("no body chunk free", self.server.read_log())
+        s.close()
+        self.assertTrue(wait_for(lambda: self.events("hog")["finally"], timeout=10))
+        self.assertTrue(wait_for(lambda: stage_extra(self.server, "send", "stream_chunks_in_use") == 0))
+        s2.sendall(request("GET", "/ct/str"))
+        head = read_head(r2)
+        self.assertOneChunkedHead(head)
+        self.assertEqual(read_chunked_body(r2), "éx".encode())
+
+
 class StopDuringStream(unittest.TestCase):
     """SIGTERM while an endless stream runs: it is cut (its generator closed) and the server
     exits within its drain timeout."""
