@@ -468,7 +468,8 @@ void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
     }
     Answered(r);
   }
-  FlushPending(out);
+  // What moved into the outbox leaves the lane only after Poll (see Poll).
+  if (FlushPending(out)) unflushed_ = true;
   saved_ = PyEval_SaveThread();
 }
 
@@ -944,6 +945,19 @@ void PythonStage::EndStream(size_t index, bool abort, const char* why) {
 // Pending items out, one generator-stream step, one event-loop step (tasks), pending out again.
 bool PythonStage::Poll(Outbox& out) {
   bool worked = FlushPending(out);
+  const bool held = worked || unflushed_;
+  unflushed_ = false;
+  const bool app_code = !streams_.empty() || !calls_.empty() || (loop_.open() && loop_.due(out.now_ns()));
+  if (held && app_code && !yielded_) {
+    // Responses and stream pieces just went into the outbox, and the lane flushes it only
+    // after Poll: the app's code now (a stream's step, a task's) would hold them back for as
+    // long as it runs - a stream's head and first chunk until its second item. "Worked" makes
+    // the lane flush and come straight back. Once: under batch after batch the app's code
+    // still runs every other turn.
+    yielded_ = true;
+    return true;
+  }
+  yielded_ = false;
   if (!streams_.empty()) worked |= StepStreams(out);
   if (loop_.open()) worked |= StepLoop(out);
   worked |= FlushPending(out);

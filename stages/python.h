@@ -194,6 +194,8 @@ class PythonStage : public Stage, public asgi::Host {
   std::unique_ptr<http::ChunkPool::GiverToken> chunk_giver_;
   bool stopping_ = false;
   bool last_step_budget_ = false;    // StepStream's last kFailed was a CPU budget
+  bool unflushed_ = false;           // Process moved items into the outbox the lane has not flushed
+  bool yielded_ = false;             // the last Poll returned for the lane to flush them (see Poll)
   int64_t last_step_ns_ = 0;
   int64_t stream_cut_ns_ = kNeverNs;  // streams still running then are cut (drain)
   int64_t drain_timeout_ns_ = 0;
