@@ -751,9 +751,12 @@ void PythonStage::StartStream(http::Request* r, const http::RouteTarget& target,
   const bool run_first = http::ResponseHasBody(*r) || (is_wsgi && !wsgi::Called(st.start_response));
   Step step = run_first ? StepStream(st, &first->data, &is_text) : Step::kEnd;
   if (step == Step::kFailed) {
-    // Nothing was sent yet: the request fails as a handler does (the cause was logged).
+    // Nothing was sent yet: the request fails as a handler does (the cause was logged). The
+    // answer is the server's, whole: none of the app's fields, and not the stream's framing
+    // (a 503 with Transfer-Encoding: chunked and no chunks would desynchronise the client).
     give_back();
     CloseSource(st);
+    resp.Reset();
     if (st.account.exceeded) {
       BudgetFail(r, stats, "memory", st.account.peak, st.account.cap);
     } else if (last_step_budget_) {
