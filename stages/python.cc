@@ -860,6 +860,9 @@ PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is
     // write() during the last step still counts.
     return is_wsgi && wsgi::TakeWritten(s.start_response, data) ? Step::kItem : Step::kEnd;
   }
+  // The item was allocated on the stream's account: it is freed on it too, or every step would
+  // add its size for good and a long stream would run into its memory budget.
+  SetMemoryAccount(&s.account);
   bool ok = true;
   std::string written;
   if (is_wsgi) wsgi::TakeWritten(s.start_response, &written);
@@ -888,6 +891,7 @@ PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is
     ok = false;
   }
   Py_DECREF(item);
+  SetMemoryAccount(nullptr);
   if (!ok) {
     bad_results_.Add();
     stats.errors.Add();
