@@ -919,7 +919,7 @@ void PythonStage::EmitChunk(Stream& s, http::BodyChunk* chunk) {
   pending_out_.push_back(chunk);
 }
 
-void PythonStage::EndStream(size_t index, bool abort, const char* why) {
+void PythonStage::EndStream(size_t index, bool abort, const char* why, bool stalled) {
   Stream& s = streams_[index];
   const http::RouteTarget& target = routes_->targets[static_cast<size_t>(s.route)];
   RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
@@ -940,6 +940,7 @@ void PythonStage::EndStream(size_t index, bool abort, const char* why) {
   s.terminal = nullptr;
   t->last = !abort;
   t->abort = abort;
+  t->stalled = stalled;
   t->request = s.request;
   if (s.first != nullptr) shared_->body_chunks.Give(s.first, *chunk_giver_);
   EmitChunk(s, t);
@@ -985,6 +986,7 @@ bool PythonStage::StepStreams(Outbox& out) {
     Stream& s = streams_[i];
     http::StreamFlow& flow = shared_->flows[http::SlotOf(s.conn)];
     const char* end_why = nullptr;
+    bool stalled = false;
     if (flow.cancelled_gen.load(std::memory_order_acquire) == http::GenOf(s.conn)) {
       end_why = "the client went away";
     } else if (now >= stream_cut_ns_) {
@@ -992,6 +994,7 @@ bool PythonStage::StepStreams(Outbox& out) {
     } else if (s.waiting_since_ns != 0 && now - s.waiting_since_ns >= http_config_.stream_stall_timeout_ns) {
       stream_stalls_.Add();
       end_why = "the client did not read for server.stream_stall_timeout";
+      stalled = true;
     }
     if (end_why == nullptr && !http::StreamMayProduce(flow, http_config_.stream_buffer_bytes)) {
       if (s.waiting_since_ns == 0) {
@@ -1008,7 +1011,7 @@ bool PythonStage::StepStreams(Outbox& out) {
       gil = true;
     }
     if (end_why != nullptr) {
-      EndStream(i, /*abort=*/true, end_why);
+      EndStream(i, /*abort=*/true, end_why, stalled);
       worked = true;
       break;
     }

@@ -145,7 +145,8 @@ class PythonStage : public Stage, public asgi::Host {
   enum class Step : uint8_t { kItem, kEnd, kFailed };
   Step StepStream(Stream& s, std::string* data, bool* is_text);
   // Ends a stream with its terminal chunk (`last` unless `abort`), closing the iterator.
-  void EndStream(size_t index, bool abort, const char* why);
+  // `stalled`: cut because its client stopped reading (BodyChunk::stalled).
+  void EndStream(size_t index, bool abort, const char* why, bool stalled = false);
   void EmitChunk(Stream& s, http::BodyChunk* chunk);
   // Every item this stage hands on goes through pending_out_, in order (responses finished by
   // a task come between batches); FlushPending moves what the outbox takes.

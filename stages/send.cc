@@ -126,9 +126,20 @@ void SendStage::Process(std::span<Item* const> batch, Outbox& out) {
     Conn* c = Lookup(item->conn);
     switch (item->kind) {
       case Kind::kRequest:
-      case Kind::kChunk:
         Enqueue(c, static_cast<WirePiece*>(item));
         break;
+      case Kind::kChunk: {
+        const bool stalled = static_cast<BodyChunk*>(item)->stalled;  // read before Enqueue may retire it
+        Enqueue(c, static_cast<WirePiece*>(item));
+        if (stalled && c->writing && !c->shut_read) {
+          // The write in flight waits for a client that stopped reading: shutting the socket
+          // down fails it (then PeerGone drops the rest, this stream's terminal chunk with it)
+          // and ends the read side, so the connection and its fd end now, not never.
+          ::shutdown(shared_->conns.fd(c->id), SHUT_RDWR);
+          c->shut = c->shut_read = true;
+        }
+        break;
+      }
       case Kind::kClosed:
         c->read_closed = true;
         shared_->flows[SlotOf(c->id)].read_closed_gen.store(c->gen, std::memory_order_release);

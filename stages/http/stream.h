@@ -16,7 +16,8 @@
 //      and send subtracts them once written (or dropped). A stream with server.stream_buffer_bytes
 //      (or kStreamChunksInFlightMax chunks) waiting does not ask the app for more: the lane goes on
 //      with other work and send wakes it when the backlog is below half. A stream stalled longer
-//      than server.stream_stall_timeout is aborted.
+//      than server.stream_stall_timeout is aborted; its terminal chunk is marked `stalled` and
+//      send shuts the socket down on it, since the write in flight waits for that very client.
 //   4. A client that went away: send marks the connection's generation cancelled; the producer
 //      sees it before its next step, closes the iterator (so the app's `finally` runs) and ends
 //      the stream with an abort chunk.
