@@ -987,6 +987,15 @@ bool PythonStage::StepStreams(Outbox& out) {
     http::StreamFlow& flow = shared_->flows[http::SlotOf(s.conn)];
     const char* end_why = nullptr;
     bool stalled = false;
+    if (s.waiting_since_ns != 0) {
+      // A client that takes bytes, however slowly (partial writes of a chunk larger than what
+      // it reads per stall timeout), has not stalled: the timeout counts from its last progress.
+      const uint64_t written = flow.written_bytes.load(std::memory_order_relaxed);
+      if (written != s.written_seen) {
+        s.written_seen = written;
+        s.waiting_since_ns = now;
+      }
+    }
     if (flow.cancelled_gen.load(std::memory_order_acquire) == http::GenOf(s.conn)) {
       end_why = "the client went away";
     } else if (now >= stream_cut_ns_) {
@@ -999,6 +1008,7 @@ bool PythonStage::StepStreams(Outbox& out) {
     if (end_why == nullptr && !http::StreamMayProduce(flow, http_config_.stream_buffer_bytes)) {
       if (s.waiting_since_ns == 0) {
         s.waiting_since_ns = now;
+        s.written_seen = flow.written_bytes.load(std::memory_order_relaxed);
         stream_pauses_.Add();
       }
       // Ask send to wake this lane, then look again: send may have drained in between.

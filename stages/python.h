@@ -108,7 +108,8 @@ class PythonStage : public Stage, public asgi::Host {
     http::BodyChunk* terminal = nullptr;  // reserved at the start, so the stream can always end
     http::BodyChunk* first = nullptr;     // made while starting, emitted right after the head
     MemoryAccount account;             // the request's, across its steps
-    int64_t waiting_since_ns = 0;      // paused on backpressure since (0: not paused)
+    int64_t waiting_since_ns = 0;      // paused on backpressure since (0: not paused)...
+    uint64_t written_seen = 0;         // ... or since send's written_bytes was last seen to move
   };
   enum class Outcome : uint8_t { kOk, kRaised, kCpu, kMemory };
   // Calls `call` (the app's code) under the budgets of route `target`, charging memory to

@@ -255,6 +255,7 @@ void SendStage::OnWritten(Conn* c, int res) {
     return;
   }
   bytes_out_.Add(static_cast<uint64_t>(res));
+  shared_->flows[SlotOf(c->id)].written_bytes.fetch_add(static_cast<uint64_t>(res), std::memory_order_relaxed);
   size_t left = static_cast<size_t>(res);
   // Skip the iovecs fully written.
   int i = 0;

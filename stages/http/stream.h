@@ -16,7 +16,8 @@
 //      and send subtracts them once written (or dropped). A stream with server.stream_buffer_bytes
 //      (or kStreamChunksInFlightMax chunks) waiting does not ask the app for more: the lane goes on
 //      with other work and send wakes it when the backlog is below half. A stream stalled longer
-//      than server.stream_stall_timeout is aborted; its terminal chunk is marked `stalled` and
+//      than server.stream_stall_timeout (paused, and not one byte written to its connection in
+//      that time) is aborted; its terminal chunk is marked `stalled` and
 //      send shuts the socket down on it, since the write in flight waits for that very client.
 //   4. A client that went away: send marks the connection's generation cancelled; the producer
 //      sees it before its next step, closes the iterator (so the app's `finally` runs) and ends
@@ -69,6 +70,9 @@ struct StreamFlow {
   std::atomic<uint32_t> cancelled_gen{0};   // send: this generation's client is gone
   std::atomic<uint32_t> read_closed_gen{0}; // send: this generation's read side ended (EOF)
   std::atomic<bool> producer_waiting{false};  // a producer paused on this connection
+  // send: bytes written to this slot's connections, partial writes included. A paused producer
+  // that sees it move knows its client is reading (the stall timeout counts from then).
+  std::atomic<uint64_t> written_bytes{0};
 };
 
 // Whether a stream on `flow` may produce its next chunk (the bounds in point 3 above).
