@@ -625,14 +625,27 @@ void PythonStage::Respond(http::Request* r, const http::RouteTarget& target, Rou
 
 // Closes what a stream came from: the WSGI iterable's close() (PEP 3333), else the iterator's
 // (a generator's `finally` runs); a raise is logged. Releases the stream's references.
+// close() is the app's code: it runs under the route's budgets like every step.
 void PythonStage::CloseSource(Stream& s) {
-  PyObject* target = s.close_target != nullptr ? s.close_target : s.iter;
-  if (target != nullptr && PyObject_HasAttrString(target, "close")) {
-    SetMemoryAccount(&s.account);
-    PyObject* r = PyObject_CallMethod(target, "close", nullptr);
-    SetMemoryAccount(nullptr);
-    if (r == nullptr) {
-      LOG_RATE_LIMITED(LogLevel::kError, "a streamed body's close() raised:\n%s", FetchTraceback().c_str());
+  PyObject* source = s.close_target != nullptr ? s.close_target : s.iter;
+  if (source != nullptr && PyObject_HasAttrString(source, "close")) {
+    assert(s.route >= 0 && s.request != nullptr && "a stream source closed before its stream had a route");
+    const http::RouteTarget& target = routes_->targets[static_cast<size_t>(s.route)];
+    RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
+    Outcome outcome = Outcome::kRaised;
+    int64_t dt = 0;
+    PyObject* r = Budgeted(s.request, target, stats, &s.account,
+                           [&] { return PyObject_CallMethod(source, "close", nullptr); }, &outcome, &dt);
+    if (outcome == Outcome::kCpu || outcome == Outcome::kMemory) {
+      const bool cpu = outcome == Outcome::kCpu;
+      (cpu ? cpu_kills_ : memory_kills_).Add();
+      (cpu ? stats.cpu_kills : stats.memory_kills).Add();
+      stats.errors.Add();
+      LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its %s budget in its streamed body's close()",
+                       stats.label.c_str(), cpu ? "cpu" : "memory");
+    } else if (r == nullptr) {
+      LOG_RATE_LIMITED(LogLevel::kError, "%s: its streamed body's close() raised:\n%s", stats.label.c_str(),
+                       FetchTraceback().c_str());
     }
     Py_XDECREF(r);
   }
@@ -707,6 +720,9 @@ void PythonStage::HandleWsgi(http::Request* r, const http::RouteTarget& target, 
   }
   // Streamed (or write() was used): stepped like an iterator response.
   Stream st;
+  st.request = r;  // (StartStream sets these too; CloseSource needs them already)
+  st.route = r->route;
+  st.account = account_;
   st.close_target = result;  // its close(), in every case
   st.start_response = start_response;
   st.iter = PyObject_GetIter(result);
