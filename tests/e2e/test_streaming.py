@@ -327,6 +327,30 @@ class BigBodyBoundedMemory(StreamTest):
         self.assertEqual(stage_extra(self.server, "python", "streams_open"), 0)
 
 
+class PoolMemoryComesBack(StreamTest):
+    """The chunk pool must not keep what big streams grew its chunks to: the pool hands its
+    chunks out in turn, so each of its server.stream_chunks (4096) would keep a 64 KiB buffer."""
+
+    def read_big(self, name):
+        s, r = self.connect(timeout=30)
+        s.sendall(request("GET", f"/big?id={name}"))
+        read_head(r)
+        n = 0
+        while (data := read_chunk(r)) is not None:
+            n += len(data)
+        self.assertEqual(n, BIG_PARTS * BIG_PART)
+        s.close()
+
+    def test_rss_after_big_streams(self):
+        self.assertTrue(self.json_ok())
+        rss_before = rss_kib(self.server.pid)
+        for i in range(3):
+            self.read_big(f"pool-mem-{i}")
+        self.assertTrue(wait_for(lambda: stage_extra(self.server, "send", "stream_chunks_in_use") == 0))
+        grown = rss_kib(self.server.pid) - rss_before
+        self.assertLess(grown, 24 * 1024, f"RSS grew by {grown} KiB over three 40 MiB streams read whole")
+
+
 # --- 3. a client that stops reading ---------------------------------------------------------
 
 class StallTimeout(StreamTest):
