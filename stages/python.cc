@@ -552,7 +552,8 @@ void PythonStage::Process(std::span<Item* const> batch, Outbox& out) {
     }
     Answered(r);
   }
-  FlushPending(out);
+  // What moved into the outbox leaves the lane only after Poll (see Poll).
+  if (FlushPending(out)) unflushed_ = true;
   saved_ = PyEval_SaveThread();
 }
 
@@ -716,14 +717,27 @@ void PythonStage::Respond(http::Request* r, const http::RouteTarget& target, Rou
 
 // Closes what a stream came from: the WSGI iterable's close() (PEP 3333), else the iterator's
 // (a generator's `finally` runs); a raise is logged. Releases the stream's references.
+// close() is the app's code: it runs under the route's budgets like every step.
 void PythonStage::CloseSource(Stream& s) {
-  PyObject* target = s.close_target != nullptr ? s.close_target : s.iter;
-  if (target != nullptr && PyObject_HasAttrString(target, "close")) {
-    SetMemoryAccount(&s.account);
-    PyObject* r = PyObject_CallMethod(target, "close", nullptr);
-    SetMemoryAccount(nullptr);
-    if (r == nullptr) {
-      LOG_RATE_LIMITED(LogLevel::kError, "a streamed body's close() raised:\n%s", FetchTraceback().c_str());
+  PyObject* source = s.close_target != nullptr ? s.close_target : s.iter;
+  if (source != nullptr && PyObject_HasAttrString(source, "close")) {
+    assert(s.route >= 0 && s.request != nullptr && "a stream source closed before its stream had a route");
+    const http::RouteTarget& target = routes_->targets[static_cast<size_t>(s.route)];
+    RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
+    Outcome outcome = Outcome::kRaised;
+    int64_t dt = 0;
+    PyObject* r = Budgeted(s.request, target, stats, &s.account,
+                           [&] { return PyObject_CallMethod(source, "close", nullptr); }, &outcome, &dt);
+    if (outcome == Outcome::kCpu || outcome == Outcome::kMemory) {
+      const bool cpu = outcome == Outcome::kCpu;
+      (cpu ? cpu_kills_ : memory_kills_).Add();
+      (cpu ? stats.cpu_kills : stats.memory_kills).Add();
+      stats.errors.Add();
+      LOG_RATE_LIMITED(LogLevel::kWarn, "budget: %s exceeded its %s budget in its streamed body's close()",
+                       stats.label.c_str(), cpu ? "cpu" : "memory");
+    } else if (r == nullptr) {
+      LOG_RATE_LIMITED(LogLevel::kError, "%s: its streamed body's close() raised:\n%s", stats.label.c_str(),
+                       FetchTraceback().c_str());
     }
     Py_XDECREF(r);
   }
@@ -798,6 +812,9 @@ void PythonStage::HandleWsgi(http::Request* r, const http::RouteTarget& target, 
   }
   // Streamed (or write() was used): stepped like an iterator response.
   Stream st;
+  st.request = r;  // (StartStream sets these too; CloseSource needs them already)
+  st.route = r->route;
+  st.account = account_;
   st.close_target = result;  // its close(), in every case
   st.start_response = start_response;
   st.iter = PyObject_GetIter(result);
@@ -842,9 +859,12 @@ void PythonStage::StartStream(http::Request* r, const http::RouteTarget& target,
   const bool run_first = http::ResponseHasBody(*r) || (is_wsgi && !wsgi::Called(st.start_response));
   Step step = run_first ? StepStream(st, &first->data, &is_text) : Step::kEnd;
   if (step == Step::kFailed) {
-    // Nothing was sent yet: the request fails as a handler does (the cause was logged).
+    // Nothing was sent yet: the request fails as a handler does (the cause was logged). The
+    // answer is the server's, whole: none of the app's fields, and not the stream's framing
+    // (a 503 with Transfer-Encoding: chunked and no chunks would desynchronise the client).
     give_back();
     CloseSource(st);
+    resp.Reset();
     if (st.account.exceeded) {
       BudgetFail(r, stats, "memory", st.account.peak, st.account.cap);
     } else if (last_step_budget_) {
@@ -948,6 +968,9 @@ PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is
     // write() during the last step still counts.
     return is_wsgi && wsgi::TakeWritten(s.start_response, data) ? Step::kItem : Step::kEnd;
   }
+  // The item was allocated on the stream's account: it is freed on it too, or every step would
+  // add its size for good and a long stream would run into its memory budget.
+  SetMemoryAccount(&s.account);
   bool ok = true;
   std::string written;
   if (is_wsgi) wsgi::TakeWritten(s.start_response, &written);
@@ -976,6 +999,7 @@ PythonStage::Step PythonStage::StepStream(Stream& s, std::string* data, bool* is
     ok = false;
   }
   Py_DECREF(item);
+  SetMemoryAccount(nullptr);
   if (!ok) {
     bad_results_.Add();
     stats.errors.Add();
@@ -1003,7 +1027,7 @@ void PythonStage::EmitChunk(Stream& s, http::BodyChunk* chunk) {
   pending_out_.push_back(chunk);
 }
 
-void PythonStage::EndStream(size_t index, bool abort, const char* why) {
+void PythonStage::EndStream(size_t index, bool abort, const char* why, bool stalled) {
   Stream& s = streams_[index];
   const http::RouteTarget& target = routes_->targets[static_cast<size_t>(s.route)];
   RouteStats& stats = *python_->handlers[static_cast<size_t>(target.handler)].stats;
@@ -1024,6 +1048,7 @@ void PythonStage::EndStream(size_t index, bool abort, const char* why) {
   s.terminal = nullptr;
   t->last = !abort;
   t->abort = abort;
+  t->stalled = stalled;
   t->request = s.request;
   if (s.first != nullptr) shared_->body_chunks.Give(s.first, *chunk_giver_);
   EmitChunk(s, t);
@@ -1036,6 +1061,19 @@ void PythonStage::EndStream(size_t index, bool abort, const char* why) {
 // Pending items out, one generator-stream step, one event-loop step (tasks), pending out again.
 bool PythonStage::Poll(Outbox& out) {
   bool worked = FlushPending(out);
+  const bool held = worked || unflushed_;
+  unflushed_ = false;
+  const bool app_code = !streams_.empty() || !calls_.empty() || (loop_.open() && loop_.due(out.now_ns()));
+  if (held && app_code && !yielded_) {
+    // Responses and stream pieces just went into the outbox, and the lane flushes it only
+    // after Poll: the app's code now (a stream's step, a task's) would hold them back for as
+    // long as it runs - a stream's head and first chunk until its second item. "Worked" makes
+    // the lane flush and come straight back. Once: under batch after batch the app's code
+    // still runs every other turn.
+    yielded_ = true;
+    return true;
+  }
+  yielded_ = false;
   if (!streams_.empty()) worked |= StepStreams(out);
   if (loop_.open()) worked |= StepLoop(out);
   worked |= FlushPending(out);
@@ -1056,6 +1094,16 @@ bool PythonStage::StepStreams(Outbox& out) {
     Stream& s = streams_[i];
     http::StreamFlow& flow = shared_->flows[http::SlotOf(s.conn)];
     const char* end_why = nullptr;
+    bool stalled = false;
+    if (s.waiting_since_ns != 0) {
+      // A client that takes bytes, however slowly (partial writes of a chunk larger than what
+      // it reads per stall timeout), has not stalled: the timeout counts from its last progress.
+      const uint64_t written = flow.written_bytes.load(std::memory_order_relaxed);
+      if (written != s.written_seen) {
+        s.written_seen = written;
+        s.waiting_since_ns = now;
+      }
+    }
     if (flow.cancelled_gen.load(std::memory_order_acquire) == http::GenOf(s.conn)) {
       end_why = "the client went away";
     } else if (now >= stream_cut_ns_) {
@@ -1063,10 +1111,12 @@ bool PythonStage::StepStreams(Outbox& out) {
     } else if (s.waiting_since_ns != 0 && now - s.waiting_since_ns >= http_config_.stream_stall_timeout_ns) {
       stream_stalls_.Add();
       end_why = "the client did not read for server.stream_stall_timeout";
+      stalled = true;
     }
     if (end_why == nullptr && !http::StreamMayProduce(flow, http_config_.stream_buffer_bytes)) {
       if (s.waiting_since_ns == 0) {
         s.waiting_since_ns = now;
+        s.written_seen = flow.written_bytes.load(std::memory_order_relaxed);
         stream_pauses_.Add();
       }
       // Ask send to wake this lane, then look again: send may have drained in between.
@@ -1079,7 +1129,7 @@ bool PythonStage::StepStreams(Outbox& out) {
       gil = true;
     }
     if (end_why != nullptr) {
-      EndStream(i, /*abort=*/true, end_why);
+      EndStream(i, /*abort=*/true, end_why, stalled);
       worked = true;
       break;
     }

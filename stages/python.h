@@ -113,7 +113,8 @@ class PythonStage : public Stage, public asgi::Host {
     http::BodyChunk* terminal = nullptr;  // reserved at the start, so the stream can always end
     http::BodyChunk* first = nullptr;     // made while starting, emitted right after the head
     MemoryAccount account;             // the request's, across its steps
-    int64_t waiting_since_ns = 0;      // paused on backpressure since (0: not paused)
+    int64_t waiting_since_ns = 0;      // paused on backpressure since (0: not paused)...
+    uint64_t written_seen = 0;         // ... or since send's written_bytes was last seen to move
   };
   enum class Outcome : uint8_t { kOk, kRaised, kCpu, kMemory };
   // Calls `call` (the app's code) under the budgets of route `target`, charging memory to
@@ -150,7 +151,8 @@ class PythonStage : public Stage, public asgi::Host {
   enum class Step : uint8_t { kItem, kEnd, kFailed };
   Step StepStream(Stream& s, std::string* data, bool* is_text);
   // Ends a stream with its terminal chunk (`last` unless `abort`), closing the iterator.
-  void EndStream(size_t index, bool abort, const char* why);
+  // `stalled`: cut because its client stopped reading (BodyChunk::stalled).
+  void EndStream(size_t index, bool abort, const char* why, bool stalled = false);
   void EmitChunk(Stream& s, http::BodyChunk* chunk);
   // Every item this stage hands on goes through pending_out_, in order (responses finished by
   // a task come between batches); FlushPending moves what the outbox takes.
@@ -200,6 +202,8 @@ class PythonStage : public Stage, public asgi::Host {
   std::unique_ptr<http::ChunkPool::GiverToken> chunk_giver_;
   bool stopping_ = false;
   bool last_step_budget_ = false;    // StepStream's last kFailed was a CPU budget
+  bool unflushed_ = false;           // Process moved items into the outbox the lane has not flushed
+  bool yielded_ = false;             // the last Poll returned for the lane to flush them (see Poll)
   int64_t last_step_ns_ = 0;
   int64_t stream_cut_ns_ = kNeverNs;  // streams still running then are cut (drain)
   int64_t drain_timeout_ns_ = 0;

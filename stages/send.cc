@@ -166,9 +166,20 @@ void SendStage::Process(std::span<Item* const> batch, Outbox& out) {
     Conn* c = Lookup(item->conn);
     switch (item->kind) {
       case Kind::kRequest:
-      case Kind::kChunk:
         Enqueue(c, static_cast<WirePiece*>(item));
         break;
+      case Kind::kChunk: {
+        const bool stalled = static_cast<BodyChunk*>(item)->stalled;  // read before Enqueue may retire it
+        Enqueue(c, static_cast<WirePiece*>(item));
+        if (stalled && c->writing && !c->shut_read) {
+          // The write in flight waits for a client that stopped reading: shutting the socket
+          // down fails it (then PeerGone drops the rest, this stream's terminal chunk with it)
+          // and ends the read side, so the connection and its fd end now, not never.
+          ::shutdown(shared_->conns.fd(c->id), SHUT_RDWR);
+          c->shut = c->shut_read = true;
+        }
+        break;
+      }
       case Kind::kClosed:
         c->read_closed = true;
         shared_->flows[SlotOf(c->id)].read_closed_gen.store(c->gen, std::memory_order_release);
@@ -284,6 +295,7 @@ void SendStage::OnWritten(Conn* c, int res) {
     return;
   }
   bytes_out_.Add(static_cast<uint64_t>(res));
+  shared_->flows[SlotOf(c->id)].written_bytes.fetch_add(static_cast<uint64_t>(res), std::memory_order_relaxed);
   size_t left = static_cast<size_t>(res);
   // Skip the iovecs fully written.
   int i = 0;
@@ -461,6 +473,10 @@ void SendStage::ExtraStats(StatsSink& sink) const {
   sink.Value("body_chunks_written_total", static_cast<double>(chunks_written_.Get()));
   sink.Value("body_chunks_dropped_total", static_cast<double>(chunks_dropped_.Get()));
   sink.Value("streams_aborted_total", static_cast<double>(streams_aborted_.Get()));
+  // The body chunk pool (server.stream_chunks), shared by every stream of the server.
+  const bool ready = shared_ != nullptr && shared_->ready();
+  sink.Value("stream_chunks_in_use", static_cast<double>(ready ? shared_->body_chunks.in_use() : 0));
+  sink.Value("stream_chunk_pool_empty_total", static_cast<double>(ready ? shared_->body_chunks.empty_events() : 0));
   sink.Histogram("request_seconds", latency_ns_);
 }
 

@@ -91,7 +91,7 @@ void BodyChunk::Reset() {
   wire_total = 0;
   data.clear();
   framing = Framing::kChunked;
-  last = abort = false;
+  last = abort = stalled = false;
   request = nullptr;
   producer = nullptr;
 }

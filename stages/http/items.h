@@ -185,6 +185,9 @@ struct BodyChunk : WirePiece {
   Framing framing = Framing::kChunked;  // the stream's, copied by the producer
   bool last = false;            // terminal: the body ended as it should
   bool abort = false;           // terminal: the body is cut short; the connection must close
+  // abort, because the client stopped reading: send ends the connection at once instead of
+  // after the write in flight, which waits for that client and may never complete.
+  bool stalled = false;
   // Terminal chunks: the stream's head, which send keeps until this chunk retires it (the
   // producer never touches it after emitting it; it is an identity only).
   Request* request = nullptr;
