@@ -378,6 +378,13 @@ void ParseStage::BeginStop(Outbox& out) {
   }
 }
 
+// Whether send has accounted for fewer responses than this connection's requests.
+bool ParseStage::ResponsesOutstanding(const Conn* c) const {
+  const uint64_t a = shared_->flows[SlotOf(c->id)].accounted.load(std::memory_order_acquire);
+  const uint32_t gen = static_cast<uint32_t>(a >> 32), done = static_cast<uint32_t>(a);
+  return gen != GenOf(c->id) ? c->next_seq > 0 : done < c->next_seq;
+}
+
 // The client's request id when it is usable (visible ASCII, at most kRequestIdMax), else one
 // made here: this process's prefix and a counter, unique for the process's life.
 void ParseStage::AssignRequestId(Request* r) {
@@ -501,6 +508,12 @@ void ParseStage::Expire(Conn* c, TimerKind kind, Outbox& out) {
       [[fallthrough]];
     case kTimerFirst:
     case kTimerIdle:
+      if (kind == kTimerIdle && ResponsesOutstanding(c)) {
+        // A response is still on its way (a slow handler, a long stream): the connection is
+        // not idle; its keep-alive time starts over.
+        Arm(c, kTimerIdle, MonotonicNowNs());
+        break;
+      }
       // Nothing was asked: close quietly (RFC 9112 9.5 allows it at any idle moment).
       c->phase = Phase::kDiscard;
       EndConnection(c, out);

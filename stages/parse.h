@@ -60,6 +60,7 @@ class ParseStage : public Stage {
   void Respond(Conn* c, int status, absl::string_view reason, Outbox& out);
   void EndConnection(Conn* c, Outbox& out);
   void AssignRequestId(Request* r);
+  bool ResponsesOutstanding(const Conn* c) const;
   bool EnsureSpare();
   void Block(Conn* c);
   void Arm(Conn* c, TimerKind kind, int64_t now);

@@ -1350,7 +1350,26 @@ void PythonStage::CheckCalls(int64_t now) {
       PyErr_Clear();
       Py_CLEAR(c->send_waiter);
     }
-    const bool over_hard = now - c->started_ns > watchdog_options_.hard_ns;
+    // python.budget.hard bounds a task's wait for its response to start; a streaming response
+    // (the head is out: server-sent events) may last, and is cut only when its client stops
+    // reading for server.stream_stall_timeout.
+    const bool over_hard = !c->head_emitted && now - c->started_ns > watchdog_options_.hard_ns;
+    if (c->send_waiter != nullptr) {
+      const uint64_t written = flow.written_bytes.load(std::memory_order_acquire);
+      if (c->send_waiting_since_ns == 0 || written != c->written_seen) {
+        c->send_waiting_since_ns = now;
+        c->written_seen = written;
+      } else if (now - c->send_waiting_since_ns > http_config_.stream_stall_timeout_ns && c->budget_failed == 0) {
+        stream_stalls_.Add();
+        c->budget_failed = 's';
+        c->client_gone = true;
+        PyObject* x = PyObject_CallMethod(c->task, "cancel", nullptr);
+        Py_XDECREF(x);
+        PyErr_Clear();
+      }
+    } else {
+      c->send_waiting_since_ns = 0;
+    }
     const bool cut = now >= stream_cut_ns_;
     if ((over_hard || cut) && c->budget_failed == 0 && c->task != nullptr) {
       c->budget_failed = over_hard ? 'h' : 's';

@@ -401,6 +401,8 @@ void SendStage::ReleaseChunk(Conn* c, BodyChunk* chunk) {
 
 void SendStage::Retire(Conn* c, Request* r, bool written) {
   ++c->accounted;
+  shared_->flows[SlotOf(c->id)].accounted.store((static_cast<uint64_t>(c->gen) << 32) | c->accounted,
+                                                std::memory_order_release);
   if (written) {
     int cls = r->resp.status / 100;
     responses_[cls >= 1 && cls <= 5 ? cls : 0].Add();

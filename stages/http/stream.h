@@ -76,6 +76,9 @@ struct StreamFlow {
   // send: bytes written to this slot's connections, partial writes included. A paused producer
   // that sees it move knows its client is reading (the stall timeout counts from then).
   std::atomic<uint64_t> written_bytes{0};
+  // send: (generation << 32) | responses of that connection accounted for (written or dropped).
+  // Parse's idle timer counts from the last response, not from the last request it read.
+  std::atomic<uint64_t> accounted{0};
 };
 
 // Whether a stream on `flow` may produce its next chunk (the bounds in point 3 above).

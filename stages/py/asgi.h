@@ -61,6 +61,8 @@ struct Call {
   bool client_gone = false;
   PyObject* receive_waiter = nullptr;  // a Future a receive() waits on (http.disconnect)
   PyObject* send_waiter = nullptr;     // a Future a send() waits on (backpressure)
+  int64_t send_waiting_since_ns = 0;   // ... since then, and since the client last read
+  uint64_t written_seen = 0;           // the connection's written bytes when last looked at
   // The streamed body, once the head is out.
   http::BodyChunk* terminal = nullptr;
   uint32_t next_part = 1;

@@ -791,12 +791,9 @@ class StreamEdges(StreamTest):
         self.assertEqual(read_chunked_body(r), b"b")
         self.assertEqual(read_to_eof(r), b"")
 
-    # KNOWN BUG (parse.cc, not streaming's code): parse arms server.keepalive_timeout when a
-    # request is complete, not when its response is written. A response that takes longer
-    # (a stream, a slow handler) lets the idle timer fire mid-response; send holds the shutdown
-    # until that response is written, then shuts the connection: the client's next request
-    # (even one already pipelined and parsed) gets EOF. Remove the decorator with the fix.
-    @unittest.expectedFailure
+    # parse's keep-alive timer counts from the last response send accounted for, not from the
+    # last request it read: a response that takes longer (a stream, a slow handler) keeps the
+    # connection, and the next request (even one already pipelined) is answered.
     def test_stream_longer_than_keepalive_timeout_then_next_request(self):
         # The connection is not idle while its response streams: the keep-alive timeout must not
         # end it as soon as the stream is done.
