@@ -294,12 +294,17 @@ def analyze(s0, s1, peak_windows=()):
     totals["responses_per_s"] = sum(totals["responses"].values())
     totals["overruns_per_s"] = sum(t["overruns"] for t in threads)
     adm = s1.get("admission", {})
+    # Under a supervisor (server.workers) /stats shows the first ready worker, and every worker
+    # runs the same pipeline: the machine's admission limit is shared by all of them, so one
+    # worker's proposal must fit in its share.
+    workers = max(1, len((s1.get("supervisor") or {}).get("workers") or [])) if "supervisor" in s1 else 1
     return {
         "wall": wall,
         "stages": stages,
         "threads": threads,
         "totals": totals,
-        "admitted": _num(adm.get("admitted_cpus"), 0.0),
+        "workers": workers,
+        "admitted": _num(adm.get("admitted_cpus"), 0.0) / workers,
         "bandwidth_before": _num(adm.get("deadline_bandwidth"),
                                  sum(t["bandwidth"] for t in threads if t["policy"] == "deadline")),
         "peaks": list(peak_windows),
